@@ -1,0 +1,19 @@
+"""lab: design, train and look inside GPT-style transformers, in a notebook."""
+
+from lab import positional  # noqa: F401  (registers the positional schemes)
+from lab.config import Config, ConfigError
+from lab.model import GPT, MLP, Block, CausalSelfAttention, GatedMLP, LayerNorm, RMSNorm
+from lab.registry import register
+
+__all__ = [
+    "GPT",
+    "MLP",
+    "Block",
+    "CausalSelfAttention",
+    "Config",
+    "ConfigError",
+    "GatedMLP",
+    "LayerNorm",
+    "RMSNorm",
+    "register",
+]
