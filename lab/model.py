@@ -409,6 +409,8 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise every weight (also after ``to_empty`` on a meta-device model)."""
+        if self.lm_head.weight.is_meta:
+            return  # nothing to fill yet; building on the meta device stays instant
         self.apply(self._init_weights)
         # Residual-branch outputs scaled by 1/sqrt(2 n_layer), so the variance of the
         # residual stream does not grow with depth (GPT-2).

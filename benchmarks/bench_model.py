@@ -1,0 +1,195 @@
+"""lab.GPT against litgpt.model.GPT: training step, forward, and KV-cache decoding.
+
+Both models are built from the same hyperparameters (a Pythia-like and a LLaMA-like
+GQA model, 4 layers, n_embd 256, block 256, vocab 4096, fp32) with identical weights
+(copied, and checked by comparing logits), then raced in one process, interleaved
+round by round so that a neighbour's load slows both alike. Prints tokens/s of each,
+the median ratio lab/LitGPT with its range over rounds, and model FLOP utilisation
+against this machine's measured fp32 matmul peak.
+
+    python benchmarks/bench_model.py             # 1 thread, the steadiest
+    python benchmarks/bench_model.py --threads 2 --rounds 7
+    python benchmarks/bench_model.py --quick     # a smoke run
+
+Needs the bench extra: pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from litgpt.config import Config as LitConfig
+from litgpt.model import GPT as LitGPT
+
+from lab import GPT, Config
+
+SHARED = dict(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096)
+ARCHITECTURES = {
+    "pythia-like": (
+        dict(parallel_residual=True, rotary_percentage=0.25, bias=True, intermediate_size=1024,
+             norm_class_name="LayerNorm", mlp_class_name="MLP", activation="gelu"),
+        dict(parallel_residual=True, rotary_percentage=0.25, bias=True, intermediate_size=1024,
+             norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", padded_vocab_size=4096),
+    ),
+    "llama-like-gqa": (
+        dict(n_query_groups=2, intermediate_size=688, norm_eps=1e-5),
+        dict(n_query_groups=2, intermediate_size=688, rotary_percentage=1.0,
+             parallel_residual=False, bias=False, norm_class_name="RMSNorm", norm_eps=1e-5,
+             mlp_class_name="LLaMAMLP", padded_vocab_size=4096),
+    ),
+}  # fmt: skip
+
+
+def copy_weights(lab_model: GPT, lit_model: LitGPT) -> None:
+    """Load lab's weights into LitGPT's names (both fuse QKV as [Q | K | V])."""
+    gated = lab_model.config.mlp_class_name == "GatedMLP"
+    state = {}
+    for name, tensor in lab_model.state_dict().items():
+        name = name.replace("attn.attn.", "attn.qkv.")
+        if gated and name.endswith("mlp.fc_1.weight"):  # lab fuses [gate | up]
+            state[name], state[name.replace("fc_1", "fc_2")] = tensor.chunk(2)
+        elif gated and name.endswith("mlp.fc_2.weight"):
+            state[name.replace("fc_2", "proj")] = tensor
+        else:  # GptNeoxMLP calls fc_1/fc_2 "fc"/"proj"
+            state[name.replace("mlp.fc_1.", "mlp.fc.").replace("mlp.fc_2.", "mlp.proj.")] = tensor
+    lit_model.load_state_dict(state, strict=True)
+
+
+def flops_per_token(config: Config, seq_len: int, training: bool) -> float:
+    """6N + 12 L T C per trained token, 2N + 4 L T C per inferred token (PaLM,
+    appendix B; N counts non-embedding parameters plus the LM head)."""
+    model_params = sum(p.numel() for p in GPT_ON_META(config).parameters())
+    n = model_params - config.padded_vocab_size * config.n_embd  # the embedding is a lookup
+    attention = config.n_layer * seq_len * config.n_head * config.head_size
+    return (6 * n + 12 * attention) if training else (2 * n + 4 * attention)
+
+
+def GPT_ON_META(config: Config) -> GPT:  # noqa: N802 - reads as a constructor
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
+    """Measured fp32 FLOP/s of an n x n matmul at the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def train_step_fn(model, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = batch
+
+    def step() -> None:
+        logits = model(x)
+        F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def forward_fn(model, x: torch.Tensor) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return forward
+
+
+def decode_fn(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+    """Prefill ``prompt`` then decode ``new_tokens`` greedily, one at a time."""
+    B, T = prompt.shape
+
+    def decode() -> None:
+        with torch.no_grad():
+            model.set_kv_cache(batch_size=B, max_seq_length=T + new_tokens)
+            logits = model(prompt, input_pos=torch.arange(T))
+            token = logits[:, -1:].argmax(-1)
+            for pos in range(T, T + new_tokens):
+                logits = model(token, input_pos=torch.tensor([pos]))
+                token = logits[:, -1:].argmax(-1)
+
+    return decode
+
+
+def race(fns: dict[str, Callable[[], None]], repeats: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, per round; the order alternates each round."""
+    for fn in fns.values():
+        fn()  # warm up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fns[name]()
+            times[name].append((time.perf_counter() - start) / repeats)
+    return times
+
+
+def report(task: str, tokens: int, times: dict[str, list[float]], flops: float, peak: float):
+    lab_t, lit_t = times["lab"], times["litgpt"]
+    ratios = sorted(lit / lab for lab, lit in zip(lab_t, lit_t, strict=True))
+    lab_tps, lit_tps = tokens / statistics.median(lab_t), tokens / statistics.median(lit_t)
+    mfu = lab_tps * flops / peak if flops else float("nan")
+    print(
+        f"  {task:<9} lab {lab_tps:>10,.0f} tok/s   litgpt {lit_tps:>10,.0f} tok/s   "
+        f"lab/litgpt {statistics.median(ratios):.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
+        + (f"   lab MFU {mfu:.0%}" if flops else "")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.batch, args.seq = 2, 2, 64
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32, "
+        f"batch {args.batch} x {args.seq}; measured matmul peak {peak / 1e9:.1f} GFLOP/s; "
+        f"{args.rounds} interleaved rounds, median ratio [min-max]"
+    )
+    for arch, (lab_extra, lit_extra) in ARCHITECTURES.items():
+        torch.manual_seed(0)
+        config = Config(**SHARED, **lab_extra)
+        lab_model = GPT(config)
+        lit_model = LitGPT(LitConfig(**SHARED, **lit_extra))
+        copy_weights(lab_model, lit_model)
+        x = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+        y = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+        with torch.no_grad():
+            torch.testing.assert_close(lab_model(x[:1]), lit_model(x[:1]), atol=1e-4, rtol=1e-4)
+        print(f"{arch} ({sum(p.numel() for p in lab_model.parameters()):,} parameters; same logits)")
+        tokens = args.batch * args.seq
+        models = {"lab": lab_model, "litgpt": lit_model}
+        train = race({k: train_step_fn(m, (x, y)) for k, m in models.items()}, 2, args.rounds)
+        report("train", tokens, train, flops_per_token(config, args.seq, True), peak)
+        forward = race({k: forward_fn(m, x) for k, m in models.items()}, 3, args.rounds)
+        report("forward", tokens, forward, flops_per_token(config, args.seq, False), peak)
+        new = 16 if args.quick else 64
+        prompt = x[:1, :16]
+        decode = race({k: decode_fn(m, prompt, new) for k, m in models.items()}, 1, args.rounds)
+        report("decode b1", new, decode, 0.0, peak)
+
+
+if __name__ == "__main__":
+    main()
