@@ -27,6 +27,7 @@ from litgpt.config import Config as LitConfig
 from litgpt.model import GPT as LitGPT
 
 from lab import GPT, Config
+from lab.profile import flops_per_token, measure_cpu_peak_flops
 
 SHARED = dict(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096)
 ARCHITECTURES = {
@@ -58,33 +59,6 @@ def copy_weights(lab_model: GPT, lit_model: LitGPT) -> None:
         else:  # GptNeoxMLP calls fc_1/fc_2 "fc"/"proj"
             state[name.replace("mlp.fc_1.", "mlp.fc.").replace("mlp.fc_2.", "mlp.proj.")] = tensor
     lit_model.load_state_dict(state, strict=True)
-
-
-def flops_per_token(config: Config, seq_len: int, training: bool) -> float:
-    """6N + 12 L T C per trained token, 2N + 4 L T C per inferred token (PaLM,
-    appendix B; N counts non-embedding parameters plus the LM head)."""
-    model_params = sum(p.numel() for p in GPT_ON_META(config).parameters())
-    n = model_params - config.padded_vocab_size * config.n_embd  # the embedding is a lookup
-    attention = config.n_layer * seq_len * config.n_head * config.head_size
-    return (6 * n + 12 * attention) if training else (2 * n + 4 * attention)
-
-
-def GPT_ON_META(config: Config) -> GPT:  # noqa: N802 - reads as a constructor
-    with torch.device("meta"):
-        return GPT(config)
-
-
-def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
-    """Measured fp32 FLOP/s of an n x n matmul at the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def train_step_fn(model, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
@@ -162,7 +136,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.batch, args.seq = 2, 2, 64
     torch.set_num_threads(args.threads)
-    peak = matmul_peak()
+    peak = measure_cpu_peak_flops(repeats=20)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), fp32, "
         f"batch {args.batch} x {args.seq}; measured matmul peak {peak / 1e9:.1f} GFLOP/s; "
@@ -178,7 +152,9 @@ def main() -> None:
         y = torch.randint(0, config.vocab_size, (args.batch, args.seq))
         with torch.no_grad():
             torch.testing.assert_close(lab_model(x[:1]), lit_model(x[:1]), atol=1e-4, rtol=1e-4)
-        print(f"{arch} ({sum(p.numel() for p in lab_model.parameters()):,} parameters; same logits)")
+        print(
+            f"{arch} ({sum(p.numel() for p in lab_model.parameters()):,} parameters; same logits)"
+        )
         tokens = args.batch * args.seq
         models = {"lab": lab_model, "litgpt": lit_model}
         train = race({k: train_step_fn(m, (x, y)) for k, m in models.items()}, 2, args.rounds)

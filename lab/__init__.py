@@ -1,6 +1,9 @@
 """lab: design, train and look inside GPT-style transformers, in a notebook."""
 
-from lab import positional  # noqa: F401  (registers the positional schemes)
+from lab import (
+    moe,  # noqa: F401  (registers mlp_class_name="MoE")
+    positional,  # noqa: F401  (registers the positional schemes)
+)
 from lab.config import Config, ConfigError
 from lab.model import GPT, MLP, Block, CausalSelfAttention, GatedMLP, LayerNorm, RMSNorm
 from lab.registry import register

@@ -30,6 +30,22 @@ def positions(input_pos: torch.Tensor | None, T: int, device: torch.device) -> t
     return torch.arange(T, device=device) if input_pos is None else input_pos
 
 
+class Fp32Constant:
+    """A small fp32 table (frequencies, slopes) that follows the model's device but
+    not its dtype: ``model.to(torch.bfloat16)`` would otherwise round RoPE frequencies,
+    and angles at positions in the thousands would be off by whole radians. A plain
+    attribute, not a buffer, so ``Module.to`` leaves it alone and a model built on
+    the meta device still has real values; it moves to the device on first use."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values.to("cpu", torch.float32)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self.values.device != device:
+            self.values = self.values.to(device)
+        return self.values
+
+
 @registry.positional.register("none")
 class NoPositions(nn.Module):
     """NoPE: no explicit positions; causal attention alone breaks the symmetry."""
@@ -67,11 +83,12 @@ class SinusoidalPositions(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        exponents = torch.arange(0, config.n_embd, 2, dtype=torch.float32) / config.n_embd
-        self.register_buffer("inv_freq", 10000.0**-exponents, persistent=False)
+        exponents = torch.arange(0, config.n_embd, 2, device="cpu") / config.n_embd
+        self.inv_freq = Fp32Constant(10000.0**-exponents)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        angles = positions(input_pos, x.size(1), x.device).float()[:, None] * self.inv_freq
+        pos = positions(input_pos, x.size(1), x.device)
+        angles = pos.float()[:, None] * self.inv_freq.on(x.device)
         encoding = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
         return x + encoding[:, : x.size(-1)].to(x.dtype)
 
@@ -97,14 +114,14 @@ class RotaryPositions(nn.Module):
         inv_freq, self.attention_factor = rope_frequencies(
             config.rope_n_elem, config.rope_base, config.rope_scaling
         )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq = Fp32Constant(inv_freq)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, input_pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` (B, T, n_head, hs) and ``k`` (B, T, n_query_groups, hs)."""
         pos = positions(input_pos, q.size(1), q.device)
-        angles = pos.float()[:, None] * self.inv_freq  # (T, n_elem / 2)
+        angles = pos.float()[:, None] * self.inv_freq.on(q.device)  # (T, n_elem / 2)
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # (T, 1, n_elem)
         cos = (angles.cos() * self.attention_factor).to(q.dtype)
         sin = (angles.sin() * self.attention_factor).to(q.dtype)
@@ -120,7 +137,7 @@ class RotaryPositions(nn.Module):
 
 def rope_frequencies(n_elem: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """RoPE's inverse frequencies ``theta_i`` and the factor applied to cos/sin."""
-    exponents = torch.arange(0, n_elem, 2, dtype=torch.float32) / n_elem
+    exponents = torch.arange(0, n_elem, 2, device="cpu") / n_elem
     if not scaling:
         return base**-exponents, 1.0
     kind, factor = scaling["type"], float(scaling.get("factor", 1.0))
@@ -144,7 +161,7 @@ def rope_frequencies(n_elem: int, base: float, scaling: dict | None) -> tuple[to
 
     lo = max(math.floor(dim_for(beta_fast)), 0)
     hi = min(math.ceil(dim_for(beta_slow)), n_elem - 1)
-    ramp = ((torch.arange(n_elem // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+    ramp = ((torch.arange(n_elem // 2, device="cpu") - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
     extrapolate = 1 - ramp
     inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
     attention_factor = scaling.get("attention_factor") or 0.1 * math.log(factor) + 1.0
@@ -160,7 +177,7 @@ class ALiBi(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+        self.slopes = Fp32Constant(alibi_slopes(config.n_head))
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, input_pos: torch.Tensor | None = None
@@ -170,7 +187,7 @@ class ALiBi(nn.Module):
     def bias(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """Additive scores (n_head, T, S) for queries and keys at these positions."""
         distance = (key_pos[None, :] - query_pos[:, None]).float()  # <= 0 where causal
-        return self.slopes[:, None, None] * distance
+        return self.slopes.on(distance.device)[:, None, None] * distance
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -179,4 +196,4 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     power = 2 ** math.floor(math.log2(n_head))
     slopes = [2 ** (-8 * (i + 1) / power) for i in range(power)]
     extra = [2 ** (-4 * (2 * i + 1) / power) for i in range(n_head - power)]
-    return torch.tensor(slopes + extra, dtype=torch.float32)
+    return torch.tensor(slopes + extra, dtype=torch.float32, device="cpu")

@@ -212,14 +212,19 @@ def test_sequence_longer_than_block_size_is_a_clear_error():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_meta_device_build_and_reset_parameters():
+@pytest.mark.parametrize("positional", ["rope", "alibi", "sinusoidal"])
+def test_meta_device_build_and_reset_parameters(positional):
     with torch.device("meta"):
-        model = GPT(tiny())
+        model = GPT(tiny(positional=positional))
     model.to_empty(device="cpu")
     model.reset_parameters()
-    assert torch.isfinite(model(torch.zeros(1, 3, dtype=torch.long))).all()
+    idx = torch.randint(0, 61, (1, 7))
+    assert torch.isfinite(model(idx)).all()
     proj = model.transformer.h[0].attn.proj.weight
     assert proj.std() < 0.02  # residual outputs are scaled down by 1/sqrt(2 n_layer)
+    built_on_cpu = GPT(tiny(positional=positional))
+    built_on_cpu.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(idx), built_on_cpu(idx))  # same fixed tables
 
 
 def test_bad_config_is_reported_before_building():
@@ -234,3 +239,15 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx), model(idx))
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = GPT(tiny()).to(torch.bfloat16)
+    rope = model.transformer.h[0].attn.positional
+    assert rope.inv_freq.values.dtype == torch.float32
+    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
+    q_rot, _ = rope(q, q, torch.tensor([3000]))
+    expected, _ = (
+        GPT(tiny()).transformer.h[0].attn.positional(q.float(), q.float(), torch.tensor([3000]))
+    )
+    torch.testing.assert_close(q_rot.float(), expected, atol=0.05, rtol=0.05)

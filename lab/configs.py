@@ -1,0 +1,372 @@
+"""Named architectures as data: the published hyperparameters of real models.
+
+``configs`` maps a name to a dict of ``Config`` field values; ``Config.from_name``
+builds one (``Config.from_name("Llama-3.2-1B", n_layer=2)``).  Each entry may carry
+two metadata keys that are not ``Config`` fields:
+
+* ``hf_config``: ``dict(org=..., name=...)``, the Hugging Face repository whose
+  ``config.json`` the values come from;
+* ``published_params``: the published total parameter count (tied weights counted
+  once), which ``tests/test_configs.py`` checks against ``GPT(config)``.
+
+Conventions: ``block_size`` is the model's maximum context (``max_position_embeddings``
+or ``n_positions`` in ``config.json``); ``padded_vocab_size`` is the number of
+embedding rows in the checkpoint, ``vocab_size`` the tokenizer's vocabulary where it
+is smaller; ``norm_eps`` is copied exactly.  Names follow LitGPT's where LitGPT has
+the model, so checkpoints and habits carry over.
+
+Add your own with ``register_config`` (the guide's "Step 4")::
+
+    register_config(
+        name="my-model-7b",
+        hf_config=dict(org="myorg", name="my-model-7b"),
+        block_size=4096, vocab_size=32000, n_layer=32, n_head=32, n_embd=4096,
+        custom_param=0.1,  # a field of your Config subclass
+    )
+    MyModelConfig.from_name("my-model-7b")
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from lab.config import ConfigError
+
+# Keys of an entry that describe the model but are not Config fields.
+METADATA_KEYS = ("hf_config", "published_params")
+
+
+def _family(org: str, base: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    """An entry maker for one family: ``make(name, published_params, **fields)``.
+
+    ``base`` holds what the family shares; ``fields`` override it.  ``hf_name`` sets
+    the Hugging Face repository name when it differs from ``name``.
+    """
+
+    def make(
+        name: str, published_params: int, hf_name: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        return {
+            "name": name,
+            "hf_config": dict(org=org, name=hf_name or name),
+            "published_params": published_params,
+            **base,
+            **fields,
+        }
+
+    return make
+
+
+# --- shared layouts -------------------------------------------------------------------
+# LLaMA: pre-norm RMSNorm, gated SiLU MLP, full RoPE, no biases, untied head.
+LLAMA = dict(
+    positional="rope",
+    rope_base=10000.0,
+    rotary_percentage=1.0,
+    norm_class_name="RMSNorm",
+    norm_eps=1e-5,
+    mlp_class_name="GatedMLP",
+    activation="silu",
+    bias=False,
+)
+LLAMA_3 = dict(LLAMA, vocab_size=128000, padded_vocab_size=128256, rope_base=500000.0)
+
+
+def _llama3_scaling(factor: float) -> dict[str, Any]:
+    """Llama 3.1's RoPE frequency scaling (``rope_scaling`` in ``config.json``)."""
+    return {
+        "type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_seq_len": 8192,
+    }
+
+
+GEMMA = dict(
+    LLAMA,
+    block_size=8192,
+    vocab_size=256000,
+    norm_eps=1e-6,
+    norm_unit_offset=True,  # RMSNorm scales by (1 + weight)
+    activation="gelu_tanh",  # GeGLU: gelu_pytorch_tanh
+    tie_embeddings=True,
+    scale_embeddings=True,
+)
+
+
+def _gemma2(n_layer: int, query_pre_attn_scalar: int) -> dict[str, Any]:
+    """Gemma 2: sandwich norms, soft-capping, and local (sliding, 4096) attention on
+    even layers alternating with global attention on odd ones (HF: layer 0 slides)."""
+    return dict(
+        n_layer=n_layer,
+        post_attention_norm=True,
+        post_mlp_norm=True,
+        attention_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        attention_scale=query_pre_attn_scalar**-0.5,
+        sliding_window_size=4096,
+        layer_overrides={i: {"sliding_window_size": None} for i in range(1, n_layer, 2)},
+    )
+
+
+QWEN2 = dict(LLAMA, vocab_size=151643, attn_bias=True, norm_eps=1e-6, rope_base=1000000.0)
+# GPT-2: learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied head.
+GPT2 = dict(
+    block_size=1024,
+    vocab_size=50257,
+    positional="learned",
+    norm_class_name="LayerNorm",
+    norm_eps=1e-5,
+    mlp_class_name="MLP",
+    activation="gelu_tanh",
+    bias=True,
+    tie_embeddings=True,
+)
+# GPT-NeoX (Pythia): parallel attention and MLP, a quarter of each head rotated.
+NEOX = dict(
+    block_size=2048,
+    vocab_size=50254,
+    positional="rope",
+    rope_base=10000.0,
+    rotary_percentage=0.25,
+    parallel_residual=True,
+    norm_class_name="LayerNorm",
+    norm_eps=1e-5,
+    mlp_class_name="MLP",
+    activation="gelu",
+    bias=True,
+)
+# Phi-1.5 and Phi-2: parallel branches sharing one LayerNorm, a biased lm_head.
+PHI = dict(
+    NEOX,
+    vocab_size=50257,
+    padded_vocab_size=51200,
+    shared_attention_norm=True,
+    activation="gelu_tanh",
+    lm_head_bias=True,
+)
+
+_gpt2 = _family("openai-community", GPT2)
+_pythia = _family("EleutherAI", NEOX)
+_llama2 = _family("meta-llama", dict(LLAMA, block_size=4096, vocab_size=32000))
+_llama3 = _family("meta-llama", LLAMA_3)
+_mistral = _family("mistralai", dict(LLAMA, vocab_size=32000, block_size=32768))
+_phi = _family("microsoft", PHI)
+_gemma = _family("google", GEMMA)
+_qwen = _family("Qwen", QWEN2)
+_smollm2 = _family(
+    "HuggingFaceTB", dict(LLAMA, block_size=8192, vocab_size=49152, tie_embeddings=True)
+)
+
+_entries: list[dict[str, Any]] = [
+    # --- GPT-2 (Radford et al. 2019) --------------------------------------------------
+    *(
+        _gpt2(name, params, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+        for name, params, n_layer, n_embd, n_head in [
+            ("gpt2", 124_439_808, 12, 768, 12),
+            ("gpt2-medium", 354_823_168, 24, 1024, 16),
+            ("gpt2-large", 774_030_080, 36, 1280, 20),
+            ("gpt2-xl", 1_557_611_200, 48, 1600, 25),
+        ]
+    ),
+    # --- Pythia (Biderman et al. 2023); embedding rows padded per model -----------------
+    *(
+        _pythia(name, params, n_layer=n_layer, n_embd=n_embd, n_head=n_head, padded_vocab_size=rows)
+        for name, params, n_layer, n_embd, n_head, rows in [
+            ("pythia-70m", 70_426_624, 6, 512, 8, 50304),
+            ("pythia-160m", 162_322_944, 12, 768, 12, 50304),
+            ("pythia-410m", 405_334_016, 24, 1024, 16, 50304),
+            ("pythia-1b", 1_011_781_632, 16, 2048, 8, 50304),
+            ("pythia-1.4b", 1_414_647_808, 24, 2048, 16, 50304),
+            ("pythia-2.8b", 2_775_208_960, 32, 2560, 32, 50304),
+            ("pythia-6.9b", 6_857_302_016, 32, 4096, 32, 50432),
+            ("pythia-12b", 11_846_072_320, 36, 5120, 40, 50688),
+        ]
+    ),
+    # --- Llama 2 (Touvron et al. 2023) ----------------------------------------------------
+    _llama2(
+        "Llama-2-7b-hf", 6_738_415_616,
+        n_layer=32, n_embd=4096, n_head=32, intermediate_size=11008,
+    ),
+    _llama2(
+        "Llama-2-13b-hf", 13_015_864_320,
+        n_layer=40, n_embd=5120, n_head=40, intermediate_size=13824,
+    ),
+    _llama2(
+        "Llama-2-70b-hf", 68_976_648_192,
+        n_layer=80, n_embd=8192, n_head=64, n_query_groups=8, intermediate_size=28672,
+    ),
+    # --- Llama 3, 3.1, 3.2 (Grattafiori et al. 2024) ---------------------------------------
+    _llama3(
+        "Llama-3-8B", 8_030_261_248, hf_name="Meta-Llama-3-8B", block_size=8192,
+        n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336,
+    ),
+    _llama3(
+        "Llama-3-70B", 70_553_706_496, hf_name="Meta-Llama-3-70B", block_size=8192,
+        n_layer=80, n_embd=8192, n_head=64, n_query_groups=8, intermediate_size=28672,
+    ),
+    _llama3(
+        "Llama-3.1-8B", 8_030_261_248, block_size=131072, rope_scaling=_llama3_scaling(8.0),
+        n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336,
+    ),
+    _llama3(
+        "Llama-3.1-70B", 70_553_706_496, block_size=131072, rope_scaling=_llama3_scaling(8.0),
+        n_layer=80, n_embd=8192, n_head=64, n_query_groups=8, intermediate_size=28672,
+    ),
+    _llama3(
+        "Llama-3.2-1B", 1_235_814_400, block_size=131072, rope_scaling=_llama3_scaling(32.0),
+        n_layer=16, n_embd=2048, n_head=32, n_query_groups=8, intermediate_size=8192,
+        tie_embeddings=True,
+    ),
+    _llama3(
+        "Llama-3.2-3B", 3_212_749_824, block_size=131072, rope_scaling=_llama3_scaling(32.0),
+        n_layer=28, n_embd=3072, n_head=24, n_query_groups=8, intermediate_size=8192,
+        tie_embeddings=True,
+    ),
+    # --- Mistral and Mixtral (Jiang et al. 2023, 2024) ---------------------------------------
+    _mistral(
+        "Mistral-7B-v0.1", 7_241_732_096, sliding_window_size=4096,
+        n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336,
+    ),
+    _mistral(
+        "Mistral-7B-v0.3", 7_248_023_552, vocab_size=32768, rope_base=1000000.0,
+        n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336,
+    ),
+    _mistral(
+        "Mixtral-8x7B-v0.1", 46_702_792_704, rope_base=1000000.0,
+        n_layer=32, n_embd=4096, n_head=32, n_query_groups=8, intermediate_size=14336,
+        mlp_class_name="MoE", n_expert=8, n_expert_per_token=2, router="topk_softmax",
+    ),
+    # --- Phi (Li et al. 2023; Abdin et al. 2024) ------------------------------------------
+    _phi("phi-1_5", 1_418_270_720, n_layer=24, n_embd=2048, n_head=32, rotary_percentage=0.5),
+    _phi("phi-2", 2_779_683_840, n_layer=32, n_embd=2560, n_head=32, rotary_percentage=0.4),
+    _family("microsoft", LLAMA)(
+        "Phi-3-mini-4k-instruct", 3_821_079_552, block_size=4096,
+        vocab_size=32000, padded_vocab_size=32064, sliding_window_size=2047,  # config.json
+        n_layer=32, n_embd=3072, n_head=32, intermediate_size=8192,
+    ),
+    # --- Gemma and Gemma 2 (Gemma Team 2024) ------------------------------------------------
+    _gemma(
+        "Gemma-2b", 2_506_172_416, hf_name="gemma-2b",
+        n_layer=18, n_embd=2048, n_head=8, n_query_groups=1, head_size=256, intermediate_size=16384,
+    ),
+    _gemma(
+        "Gemma-7b", 8_537_680_896, hf_name="gemma-7b",
+        n_layer=28, n_embd=3072, n_head=16, head_size=256, intermediate_size=24576,
+    ),
+    _gemma(
+        "Gemma-2-2b", 2_614_341_888, hf_name="gemma-2-2b",
+        **_gemma2(n_layer=26, query_pre_attn_scalar=256),
+        n_embd=2304, n_head=8, n_query_groups=4, head_size=256, intermediate_size=9216,
+    ),
+    _gemma(
+        "Gemma-2-9b", 9_241_705_984, hf_name="gemma-2-9b",
+        **_gemma2(n_layer=42, query_pre_attn_scalar=256),
+        n_embd=3584, n_head=16, n_query_groups=8, head_size=256, intermediate_size=14336,
+    ),
+    _gemma(
+        "Gemma-2-27b", 27_227_128_320, hf_name="gemma-2-27b",
+        **_gemma2(n_layer=46, query_pre_attn_scalar=144),
+        n_embd=4608, n_head=32, n_query_groups=16, head_size=128, intermediate_size=36864,
+    ),
+    # --- Qwen2.5 (Qwen Team 2024): biased QKV only ------------------------------------------
+    _qwen(
+        "Qwen2.5-0.5B", 494_032_768, block_size=32768, padded_vocab_size=151936,
+        n_layer=24, n_embd=896, n_head=14, n_query_groups=2, intermediate_size=4864,
+        tie_embeddings=True,
+    ),
+    _qwen(
+        "Qwen2.5-1.5B", 1_543_714_304, block_size=131072, padded_vocab_size=151936,
+        n_layer=28, n_embd=1536, n_head=12, n_query_groups=2, intermediate_size=8960,
+        tie_embeddings=True,
+    ),
+    _qwen(
+        "Qwen2.5-3B", 3_085_938_688, block_size=32768, padded_vocab_size=151936,
+        n_layer=36, n_embd=2048, n_head=16, n_query_groups=2, intermediate_size=11008,
+        tie_embeddings=True,
+    ),
+    _qwen(
+        "Qwen2.5-7B", 7_615_616_512, block_size=131072, padded_vocab_size=152064,
+        n_layer=28, n_embd=3584, n_head=28, n_query_groups=4, intermediate_size=18944,
+    ),
+    # --- SmolLM2 (Allal et al. 2025) ---------------------------------------------------------
+    _smollm2(
+        "SmolLM2-135M", 134_515_008, rope_base=100000.0,
+        n_layer=30, n_embd=576, n_head=9, n_query_groups=3, intermediate_size=1536,
+    ),
+    _smollm2(
+        "SmolLM2-360M", 361_821_120, rope_base=100000.0,
+        n_layer=32, n_embd=960, n_head=15, n_query_groups=5, intermediate_size=2560,
+    ),
+    _smollm2(
+        "SmolLM2-1.7B", 1_711_376_384, rope_base=130000.0,
+        n_layer=24, n_embd=2048, n_head=32, intermediate_size=8192,
+    ),
+    # --- TinyLlama (Zhang et al. 2024) -------------------------------------------------------
+    _family("TinyLlama", LLAMA)(
+        "tiny-llama-1.1b", 1_100_048_384, hf_name="TinyLlama-1.1B-intermediate-step-1431k-3T",
+        block_size=2048, vocab_size=32000,
+        n_layer=22, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=5632,
+    ),
+]  # fmt: skip
+
+configs: dict[str, dict[str, Any]] = {entry["name"]: entry for entry in _entries}
+
+
+# --- lookup and registration ---------------------------------------------------------------
+def named_config(name: str) -> dict[str, Any]:
+    """The ``Config`` field values of the architecture ``name`` (a fresh copy, metadata
+    such as ``hf_config`` removed).  Unknown names raise ``ConfigError`` with the
+    closest known names."""
+    if name not in configs:
+        raise ConfigError(_unknown_name_message(name), field="name")
+    entry = copy.deepcopy(configs[name])
+    for key in METADATA_KEYS:
+        entry.pop(key, None)
+    return entry
+
+
+def hf_config_of(name: str) -> dict[str, str] | None:
+    """``dict(org=..., name=...)``: the Hugging Face repository of ``name``, if known."""
+    if name not in configs:
+        raise ConfigError(_unknown_name_message(name), field="name")
+    hf = configs[name].get("hf_config")
+    return dict(hf) if hf else None
+
+
+def register_config(values: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """Add (or replace) a named architecture: ``register_config(name="my-model", ...)``
+    or ``register_config({"name": "my-model", ...})``.
+
+    Values are stored as given, so fields of your own ``Config`` subclass (the
+    guide's ``custom_param``) are kept for ``MyConfig.from_name``; metadata keys
+    (``hf_config``, ``published_params``) are allowed.  Returns the stored entry.
+    """
+    entry = copy.deepcopy({**(values or {}), **fields})
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            "register_config needs a non-empty string 'name', e.g. "
+            "register_config(name='my-model-7b', n_layer=32, ...)",
+            field="name",
+        )
+    configs[name] = entry
+    return entry
+
+
+def _unknown_name_message(name: str) -> str:
+    by_lower = {known.lower(): known for known in configs}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=5, cutoff=0.5)
+    message = f"unknown model name {name!r}"
+    if close:
+        message += f"; did you mean {', '.join(repr(by_lower[c]) for c in close)}?"
+    else:
+        message += "."
+    return (
+        f"{message} Config.available() lists all {len(configs)} names; "
+        f"register_config(name={name!r}, ...) adds one"
+    )

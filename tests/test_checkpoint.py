@@ -1,0 +1,182 @@
+"""lab checkpoints: exact round trips, tied weights stored once, Config subclasses,
+clear errors for mismatches, atomic saves, and no unpickling."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lab.checkpoint
+from lab import GPT, Config
+from lab.checkpoint import CheckpointError, load_pretrained, load_state, read_tensors
+
+TINY = dict(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, vocab_size=61, block_size=32)
+
+
+@dataclass
+class MyConfig(Config):
+    """The guide's subclass with an extra field."""
+
+    custom_param: float = 0.1
+
+
+def tiny_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(Config(**{**TINY, **overrides})).eval()
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def test_round_trip_is_exact_and_ties_are_stored_once(tmp_path):
+    model = tiny_model(tie_embeddings=True, layer_overrides={1: {"sliding_window_size": 4}})
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names
+
+    loaded = GPT.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config == model.config
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
+    assert_same_state(model, loaded)
+    idx = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    assert Config.load(tmp_path / "ckpt" / "config.json") == model.config
+
+
+def test_config_subclass_is_rebuilt(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(MyConfig(**TINY, custom_param=0.5))
+    model.save_pretrained(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path)
+    assert type(loaded.config) is MyConfig and loaded.config.custom_param == 0.5
+    with pytest.raises(CheckpointError, match="config_class=YourConfig"):
+        load_pretrained(tmp_path, config_class=Config)  # Config has no custom_param
+
+
+def test_dtype_follows_the_checkpoint_unless_asked(tmp_path):
+    tiny_model().to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    # recomputed buffers keep full precision (bf16 RoPE frequencies drift with position)
+    assert loaded.transformer.h[0].attn.positional.inv_freq.values.dtype == torch.float32
+    loaded = GPT.from_pretrained(tmp_path, dtype=torch.float32)
+    assert loaded.lm_head.weight.dtype == torch.float32
+
+
+def test_mismatched_config_lists_missing_unexpected_and_shapes(tmp_path):
+    tiny_model(bias=True, intermediate_size=64).save_pretrained(tmp_path)
+    other = GPT(Config(**{**TINY, "n_layer": 3, "intermediate_size": 48}))
+    tensors, _ = read_tensors(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        load_state(other, tensors)
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert "missing (6): transformer.h.2.attn.attn.weight" in message
+    assert "unexpected (" in message and "transformer.h.0.attn.proj.bias" in message
+    assert "transformer.h.0.mlp.fc_1.weight: checkpoint (128, 32) vs model (96, 32)" in message
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 48}))
+    with pytest.raises(
+        CheckpointError,
+        match=r"transformer\.wte\.weight: checkpoint \(61, 32\) vs model \(61, 48\)",
+    ):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_crash_mid_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    old = tiny_model()
+    old.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+
+    def half_write(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lab.checkpoint, "save_file", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_model(n_embd=64).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert_same_state(GPT.from_pretrained(tmp_path / "ckpt"), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left
+
+
+def test_failed_swap_restores_the_old_checkpoint(tmp_path, monkeypatch):
+    old = tiny_model()
+    old.save_pretrained(tmp_path / "ckpt")
+    real_rename = lab.checkpoint.os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("interrupted")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(lab.checkpoint.os, "rename", rename)
+    with pytest.raises(OSError, match="interrupted"):
+        tiny_model(n_embd=64).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert_same_state(GPT.from_pretrained(tmp_path / "ckpt"), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_resave_replaces_weights_and_keeps_other_files(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"kept": true}')
+    new = tiny_model(n_embd=64)
+    new.save_pretrained(tmp_path)
+    assert_same_state(GPT.from_pretrained(tmp_path), new)
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == {"kept": True}
+
+
+class _Payload:
+    """Unpickling this would call ``_payload_ran``: a stand-in for arbitrary code."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_payload_ran, ())
+
+
+def _payload_ran():
+    _Payload.ran = True
+    return {}
+
+
+def test_pickled_weights_are_never_unpickled(tmp_path):
+    model = tiny_model()
+    Config.save(model.config, tmp_path / "config.json")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert_same_state(GPT.from_pretrained(tmp_path), model)  # plain tensors load
+
+    torch.save({"weights": _Payload()}, tmp_path / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        GPT.from_pretrained(tmp_path)
+    assert not _Payload.ran
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match=r"model\.config"):
+        lab.checkpoint.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(CheckpointError, match="format"):
+        tiny_model().save_pretrained(tmp_path / "x", format="onnx")
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(Config(**TINY).to_dict()))
+    with pytest.raises(CheckpointError, match="has no weights"):
+        GPT.from_pretrained(tmp_path)

@@ -1,0 +1,160 @@
+"""Hugging Face interop: tiny random `transformers` models of every supported family
+load into lab with the same logits and greedy generations, and lab writes them back
+in a form `transformers` loads, exactly."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from lab import GPT, Config
+from lab.checkpoint import FAMILIES, CheckpointError, config_to_hf, hf_model_type, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB = 97
+LLAMA_LIKE = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+)  # fmt: skip
+# Each family with the features it should exercise; sequences are 14 tokens long.
+CASES = {
+    "llama-rope-llama3": ("llama", dict(
+        LLAMA_LIKE, rope_theta=10000.0,
+        # original length 32: wavelengths < 8 kept, 8..32 interpolated, > 32 divided
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=32),
+    )),
+    "mistral-sliding-window": ("mistral", dict(LLAMA_LIKE, sliding_window=4)),
+    "mixtral": ("mixtral", dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=None)),
+    "qwen2-qkv-bias": ("qwen2", dict(LLAMA_LIKE)),
+    "qwen3-qk-norm": ("qwen3", dict(LLAMA_LIKE, head_dim=8)),
+    "gemma-mqa-tied": ("gemma", dict(LLAMA_LIKE, num_key_value_heads=1, head_dim=32)),
+    "gemma2-softcap-sandwich": ("gemma2", dict(
+        LLAMA_LIKE, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+    )),
+    "phi3-fused": ("phi3", dict(LLAMA_LIKE, sliding_window=5)),
+    "phi-partial-rotary": ("phi", dict(LLAMA_LIKE, num_key_value_heads=4,
+                                       partial_rotary_factor=0.5)),
+    "gpt_neox-partial-rotary": ("gpt_neox", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, max_position_embeddings=64, rotary_pct=0.25,
+    )),
+    "gpt2-tied-conv1d": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                      vocab_size=VOCAB)),
+}  # fmt: skip
+
+
+def hf_model(model_type: str, kwargs: dict):
+    """A seeded random `transformers` model; weights are redrawn larger than its init
+    (norm weights around 1, not at 1) so every tensor visibly matters."""
+    config = transformers.AutoConfig.for_model(
+        model_type, bos_token_id=None, eos_token_id=None, pad_token_id=0, **kwargs
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.normal_(1.0, 0.2)
+            else:
+                param.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def greedy(model: torch.nn.Module, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by full recomputation: the reference that needs no KV cache."""
+    for _ in range(new_tokens):
+        next_token = model(idx)[:, -1].argmax(dim=-1, keepdim=True)
+        idx = torch.cat((idx, next_token), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_parity_and_round_trip(case, tmp_path):
+    model_type, kwargs = CASES[case]
+    reference = hf_model(model_type, kwargs)
+    reference.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = GPT.from_pretrained(tmp_path / "hf").eval()
+    assert hf_model_type(model.config) in (model_type, "mistral")  # Phi-3 == Mistral here
+
+    torch.manual_seed(1)
+    idx = torch.randint(0, VOCAB, (2, 14))
+    with torch.no_grad():
+        expected = reference(idx).logits
+        torch.testing.assert_close(model(idx), expected, atol=1e-4, rtol=0)
+
+        prompt = idx[:, :6]
+        reference.generation_config.eos_token_id = None
+        hf_tokens = reference.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+        assert torch.equal(greedy(model, prompt, 8), hf_tokens)
+
+    # lab -> Hugging Face: transformers loads it with nothing missing and the same logits
+    save_pretrained(model, tmp_path / "back", format="hf", model_type=model_type)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == model_type
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "back", output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(idx).logits, expected, atol=1e-4, rtol=0)
+
+    # ... and lab -> Hugging Face -> lab is exact
+    again = GPT.from_pretrained(tmp_path / "back")
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_sharded_hf_checkpoint_loads(tmp_path):
+    reference = hf_model("llama", LLAMA_LIKE)
+    reference.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = GPT.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", Config.available())
+def test_every_named_config_has_a_hugging_face_form(name):
+    """Each named architecture maps to some family and back without losing a field
+    (``config_to_hf`` checks that by converting back)."""
+    hf = config_to_hf(Config.from_name(name))
+    assert hf["model_type"] in FAMILIES
+
+
+def test_inexpressible_config_names_the_fields():
+    config = Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, norm_unit_offset=True)
+    with pytest.raises(CheckpointError, match="norm_unit_offset"):
+        config_to_hf(config, "llama")
+    with pytest.raises(CheckpointError, match="must be one of"):
+        config_to_hf(config, "bert")
+
+
+def test_unsupported_hf_features_are_refused(tmp_path):
+    reference = hf_model("gpt2", dict(CASES["gpt2-tied-conv1d"][1]))
+    reference.config.scale_attn_by_inverse_layer_idx = True
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_hf_weights_not_matching_their_config_are_listed(tmp_path):
+    reference = hf_model("llama", LLAMA_LIKE)
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"missing \(9\): model\.layers\.2\."):
+        GPT.from_pretrained(tmp_path)

@@ -1,0 +1,212 @@
+"""lab.profile: estimates checked against measurements and independent figures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import lab.moe  # noqa: F401  (registers mlp_class_name="MoE")
+from lab.config import Config
+from lab.configs import configs
+from lab.model import GPT
+from lab.profile import (
+    GPU_PEAK_FLOPS,
+    estimate_memory,
+    flops,
+    flops_per_token,
+    format_bytes,
+    measure_cpu_peak_flops,
+    measure_memory,
+    mfu,
+    parameter_count,
+)
+
+SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=96, block_size=64, intermediate_size=128)
+ARCHITECTURES = {
+    "gpt2_like": dict(
+        SMALL, mlp_class_name="MLP", positional="learned", norm_class_name="LayerNorm",
+        bias=True, activation="gelu_tanh", tie_embeddings=True,
+    ),
+    "gqa_gated": dict(SMALL, n_query_groups=2),
+    "mqa_qk_norm_parallel": dict(
+        SMALL, n_query_groups=1, norm_qk=True, parallel_residual=True, rotary_percentage=0.5
+    ),
+    "gemma2_like": dict(
+        SMALL, post_attention_norm=True, post_mlp_norm=True, attention_logit_softcapping=50.0,
+        sliding_window_size=8, layer_overrides={1: {"sliding_window_size": None}},
+    ),
+    "moe": dict(
+        SMALL, n_query_groups=2, mlp_class_name="MoE", n_expert=4, n_expert_per_token=2,
+        n_shared_expert=1, moe_intermediate_size=64, layer_overrides={0: {"mlp_class_name": "GatedMLP"}},
+    ),
+}  # fmt: skip
+B, T = 4, 32
+
+
+def batch(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randint(0, config.vocab_size, (B, T), generator=generator) for _ in "xy")
+
+
+def assert_close(estimate, measured, rel=0.15) -> None:
+    for name, value in measured.as_dict().items():
+        assert getattr(estimate, name) == pytest.approx(value, rel=rel, abs=4096), name
+
+
+@pytest.mark.parametrize(
+    ("name", "optimizer"), [(name, "adamw") for name in ARCHITECTURES] + [("gqa_gated", "sgd")]
+)
+def test_estimate_matches_cpu_measurement(name: str, optimizer: str) -> None:
+    torch.manual_seed(0)
+    config = Config(**ARCHITECTURES[name])
+    measured = measure_memory(GPT(config), batch(config), optimizer=optimizer)
+    estimate = estimate_memory(config, B, T, optimizer=optimizer)
+    assert measured.parameters == sum(p.numel() for p in GPT(config).parameters()) * 4
+    assert measured.activations > measured.parameters / 4  # really measured something
+    assert_close(estimate, measured)
+    assert estimate.activations_per_layer == pytest.approx(measured.activations_per_layer, rel=0.15)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_estimate_matches_cpu_measurement_in_16_bit(precision: str) -> None:
+    torch.manual_seed(0)
+    config = Config(**ARCHITECTURES["gqa_gated"])
+    model = GPT(config)
+    model = model.to(torch.bfloat16) if precision == "bf16-true" else model
+    measured = measure_memory(model, batch(config), precision=precision)
+    assert_close(estimate_memory(config, B, T, precision=precision), measured)
+    if precision == "bf16-mixed":  # autocast's bf16 weight copies are found and counted
+        assert measured.weight_copies > 0.9 * measured.parameters / 2
+
+
+class LoRALinear(nn.Module):
+    """A hand-built LoRA layer (Hu et al. 2021): frozen base plus ``x A^T B^T``."""
+
+    def __init__(self, base: nn.Linear, r: int) -> None:
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.randn(r, base.in_features) * 0.01)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.A.T) @ self.B.T
+
+
+def test_lora_estimate_matches_a_hand_built_lora_model() -> None:
+    torch.manual_seed(0)
+    config = Config(**ARCHITECTURES["gqa_gated"])
+    model = GPT(config).requires_grad_(False)
+    for block in model.transformer.h:
+        block.attn.attn = LoRALinear(block.attn.attn, r=4)
+        block.mlp.fc_2 = LoRALinear(block.mlp.fc_2, r=4)
+    measured = measure_memory(model, batch(config))
+    estimate = estimate_memory(
+        config, B, T, finetune="lora", lora_r=4, lora_targets=("attn", "fc_2")
+    )
+    assert estimate.trainable_parameters == measured.trainable_parameters
+    assert_close(estimate, measured)
+    full = estimate_memory(config, B, T)
+    assert estimate.optimizer_state < full.optimizer_state / 20
+
+
+def test_parameter_count_matches_published_counts() -> None:
+    for name, entry in configs.items():
+        if name.startswith("Mixtral"):  # counted like the rest, checked below
+            continue
+        assert parameter_count(Config.from_name(name)) == entry["published_params"], name
+    mixtral = Config.from_name("Mixtral-8x7B-v0.1")
+    assert parameter_count(mixtral) == configs["Mixtral-8x7B-v0.1"]["published_params"]
+
+
+def test_every_named_config_in_milliseconds() -> None:
+    start = time.perf_counter()
+    for name in Config.available():
+        estimate_memory(Config.from_name(name), batch_size=1, seq_len=2048)
+    assert time.perf_counter() - start < 2.0
+    llama = Config.from_name("Llama-3-70B")
+    start = time.perf_counter()
+    train = estimate_memory(llama, 1, 8192, precision="bf16-true")
+    assert time.perf_counter() - start < 0.05
+    assert train.parameters == 2 * 70_553_706_496
+    assert train.optimizer_state == 2 * train.parameters  # AdamW: two bf16 states
+
+
+def test_kv_cache_of_llama_3_70b() -> None:
+    # Widely quoted: 2 (k, v) x 80 layers x 8 KV heads x 128 x 2 bytes = 320 KiB per token.
+    inference = estimate_memory(
+        Config.from_name("Llama-3-70B"), 1, 8192, precision="bf16-true", finetune="none"
+    )
+    assert inference.kv_cache == 8192 * 320 * 1024
+    assert inference.gradients == inference.optimizer_state == 0
+
+
+def test_options_change_memory_as_they_should() -> None:
+    config = Config.from_name("Llama-3.2-1B")
+    plain = estimate_memory(config, 4, 2048)
+    assert (
+        estimate_memory(config, 4, 2048, activation_checkpointing=True).activations
+        < plain.activations / 5
+    )
+    unfused = estimate_memory(config, 4, 2048, fused_attention=False)
+    scores = 4 * config.n_head * 2048**2 * 4 * config.n_layer  # one fp32 score matrix per layer
+    assert unfused.activations > plain.activations + scores
+    assert estimate_memory(config, 4, 2048, optimizer="sgd").optimizer_state == plain.gradients
+    eight_bit = estimate_memory(config, 4, 2048, optimizer="adamw8bit").optimizer_state
+    assert eight_bit == pytest.approx(plain.optimizer_state / 4, rel=0.01)
+    mixed = estimate_memory(config, 4, 2048, precision="bf16-mixed")
+    assert mixed.weight_copies > 0 and mixed.activations < plain.activations
+    assert "GiB" in repr(plain) and format_bytes(1536) == "1.50 KiB"
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    config = Config(**SMALL)
+    with pytest.raises(ValueError, match="precision"):
+        estimate_memory(config, 1, 8, precision="fp8")
+    with pytest.raises(ValueError, match="finetune"):
+        estimate_memory(config, 1, 8, finetune="qlora")
+    with pytest.raises(ValueError, match="batch_size"):
+        estimate_memory(config, 0, 8)
+    with pytest.raises(ValueError, match="lora_targets"):
+        estimate_memory(config, 1, 8, finetune="lora", lora_targets=("wte",))
+    with pytest.raises(ValueError, match=r"model.to\(torch.bfloat16\)"):
+        measure_memory(GPT(config), batch(config), precision="bf16-true")
+
+
+@pytest.mark.parametrize("name", ["gpt2_like", "gqa_gated", "moe"])
+def test_analytic_flops_agree_with_the_counter(name: str) -> None:
+    torch.manual_seed(0)
+    config = Config(**ARCHITECTURES[name])
+    counted = flops(GPT(config), batch(config))
+    assert counted.forward == pytest.approx(flops_per_token(config, T) * B * T, rel=0.01)
+    assert counted.total == pytest.approx(
+        flops_per_token(config, T, training=True) * B * T, rel=0.03
+    )
+    assert counted.by_module[""] == counted.forward
+    layers = sum(counted.by_module[f"transformer.h.{i}"] for i in range(config.n_layer))
+    assert layers + counted.by_module["lm_head"] == counted.forward
+
+
+def test_mfu_against_a_measured_cpu_peak() -> None:
+    peak = measure_cpu_peak_flops(size=256, repeats=2)
+    assert 1e8 < peak < 1e14
+    assert mfu(flops_per_step=peak * 0.5, step_seconds=1.0, peak=peak) == pytest.approx(0.5)
+    assert list(GPU_PEAK_FLOPS).index("H100 PCIe") < list(GPU_PEAK_FLOPS).index("H100")
+    with pytest.raises(ValueError, match="step_seconds"):
+        mfu(1e9, 0.0, peak)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_estimate_against_the_cuda_allocator(tmp_path) -> None:
+    torch.manual_seed(0)
+    config = Config(**ARCHITECTURES["gqa_gated"])
+    model = GPT(config).cuda()
+    x, y = (t.cuda() for t in batch(config))
+    snapshot = tmp_path / "snapshot.pickle"
+    measured = measure_memory(model, (x, y), memory_history=snapshot)
+    estimate = estimate_memory(config, B, T)
+    assert_close(estimate, measured)
+    assert measured.peak == pytest.approx(estimate.total, rel=0.5)
+    assert snapshot.stat().st_size > 0
