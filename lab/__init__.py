@@ -4,12 +4,15 @@ from lab import (
     moe,  # noqa: F401  (registers mlp_class_name="MoE")
     positional,  # noqa: F401  (registers the positional schemes)
 )
+from lab.api import LLM
 from lab.config import Config, ConfigError
 from lab.model import GPT, MLP, Block, CausalSelfAttention, GatedMLP, LayerNorm, RMSNorm
+from lab.probe import probe
 from lab.registry import register
 
 __all__ = [
     "GPT",
+    "LLM",
     "MLP",
     "Block",
     "CausalSelfAttention",
@@ -18,5 +21,6 @@ __all__ = [
     "GatedMLP",
     "LayerNorm",
     "RMSNorm",
+    "probe",
     "register",
 ]

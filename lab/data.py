@@ -178,6 +178,70 @@ class TokenDataset:
 
 
 # ---------------------------------------------------------------------------
+# Instruction data
+
+
+@dataclass
+class InstructionDataset:
+    """Instruction-following records, ``{"instruction", "input", "output"}`` (the
+    format of the guide's training test, and of Alpaca-style data sets), as batches.
+
+    Each record becomes ``prompt(record) + output + EOS``; the loss is on the output
+    and the EOS only (prompt positions are ``IGNORE_INDEX``), so the model learns to
+    answer, not to repeat the question. Rows are right-padded to the longest in the
+    batch. Generate with the same ``prompt(record)`` to ask the trained model.
+    """
+
+    records: list[dict[str, str]]
+    tokenizer: Tokenizer
+    block_size: int | None = None  # truncate longer examples (the output's end is lost)
+
+    def __post_init__(self) -> None:
+        if not self.records:
+            raise ValueError("records is empty; pass at least one {'instruction', 'output'}")
+        for i, record in enumerate(self.records):
+            missing = {"instruction", "output"} - set(record)
+            if missing:
+                raise ValueError(f"records[{i}] lacks {sorted(missing)}; every record needs both")
+        if self.tokenizer.eos_id is None:
+            raise ValueError("the tokenizer has no EOS token, so answers could never end")
+
+    @staticmethod
+    def prompt(record: dict[str, str]) -> str:
+        """The text the model sees before its answer."""
+        context = record.get("input") or ""
+        parts = [f"### Instruction:\n{record['instruction']}\n\n"]
+        if context:
+            parts.append(f"### Input:\n{context}\n\n")
+        parts.append("### Response:\n")
+        return "".join(parts)
+
+    def example(self, record: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of one record: y is x shifted by one, labelled on the answer."""
+        prompt = self.tokenizer.encode(self.prompt(record))
+        answer = self.tokenizer.encode(record["output"], eos=True)
+        tokens = torch.cat((prompt, answer))
+        labels = torch.cat((torch.full_like(prompt, IGNORE_INDEX), answer))
+        if self.block_size is not None:
+            tokens, labels = tokens[: self.block_size + 1], labels[: self.block_size + 1]
+        return tokens[:-1], labels[1:]
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` random records, right-padded: x (B, T), y (B, T)."""
+        picks = torch.randint(len(self.records), (batch_size,), generator=generator).tolist()
+        examples = [self.example(self.records[i]) for i in picks]
+        T = max(len(x) for x, _ in examples)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
+        x = torch.full((batch_size, T), pad, dtype=torch.long)
+        y = torch.full((batch_size, T), IGNORE_INDEX, dtype=torch.long)
+        for row, (tokens, labels) in enumerate(examples):
+            x[row, : len(tokens)], y[row, : len(labels)] = tokens, labels
+        return x, y
+
+
+# ---------------------------------------------------------------------------
 # Synthetic tasks
 
 

@@ -171,3 +171,22 @@ def test_task_bad_inputs() -> None:
         accuracy(torch.zeros(1, 2, 3), torch.full((1, 2), IGNORE_INDEX))
     with pytest.raises(ValueError, match="shape"):
         accuracy(torch.zeros(1, 2, 3), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_instruction_dataset_labels_only_the_answer_and_eos():
+    from lab.data import InstructionDataset
+
+    tokenizer = ByteTokenizer()
+    records = [{"instruction": "Say hi", "input": "", "output": "hi"},
+               {"instruction": "Add", "input": "1 2", "output": "3"}]  # fmt: skip
+    data = InstructionDataset(records, tokenizer)
+    assert "### Input:" not in data.prompt(records[0]) and "1 2" in data.prompt(records[1])
+    x, y = data.example(records[0])
+    labelled = y[y != IGNORE_INDEX]
+    assert tokenizer.decode(labelled[:-1]) == "hi" and labelled[-1] == tokenizer.eos_id
+    shown = y[:-1] != IGNORE_INDEX  # y is x shifted by one where labelled
+    assert shown.sum() == 2 and torch.equal(y[:-1][shown], x[1:][shown])
+    bx, by = data.sample(4, torch.Generator().manual_seed(0))
+    assert bx.shape == by.shape and bx.size(1) == max(len(data.example(r)[0]) for r in records)
+    with pytest.raises(ValueError, match="lacks \\['output'\\]"):
+        InstructionDataset([{"instruction": "x"}], tokenizer)

@@ -334,3 +334,94 @@ def test_custom_positional_encoding_registered_as_a_scheme():
     assert not loaded.missing_keys  # only the guide's extra buffer is left over
     idx = torch.randint(0, 1000, (1, 9))
     torch.testing.assert_close(model(idx), builtin(idx), atol=1e-5, rtol=1e-5)
+
+
+# --- Step 4: register a configuration ---------------------------------------------------
+def test_register_config_then_build_by_name():
+    from lab.configs import register_config
+
+    register_config(
+        # My custom model
+        dict(
+            name="my-model-7b",
+            hf_config=dict(org="myorg", name="my-model-7b"),
+            block_size=4096,
+            vocab_size=32000,
+            n_layer=32,
+            n_head=32,
+            n_embd=4096,
+            custom_param=0.1,
+        )
+    )
+    config = MyModelConfig.from_name("my-model-7b")
+    assert (config.n_layer, config.n_embd, config.custom_param) == (32, 4096, 0.1)
+    with torch.device("meta"):  # a 7B model, inspected without allocating it
+        assert sum(p.numel() for p in CustomGPT(config).parameters()) > 6e9
+    small = MyModelConfig.from_name("my-model-7b", **SMALL, intermediate_size=64)
+    assert CustomGPT(small)(torch.randint(0, 1000, (1, 4))).shape == (1, 4, 1000)
+
+
+# --- Step 5: use your custom model --------------------------------------------------------
+def test_step_5_llm_generates_with_a_custom_model(tmp_path):
+    from lab.api import LLM
+    from lab.tokenizer import Tokenizer
+
+    Tokenizer.train(["Once upon a time there was a tiny model."] * 20, vocab_size=300).save(
+        tmp_path / "tokenizer"
+    )
+
+    # Initialize
+    config = MyModelConfig(**{**SMALL, "intermediate_size": 64})  # 7B does not fit a laptop
+    model = CustomGPT(config)
+
+    # Wrap with LLM API
+    llm = LLM(model=model, tokenizer_dir=tmp_path / "tokenizer")
+
+    # Generate
+    result = llm.generate("Once upon a time", max_new_tokens=100, seed=0)
+    print(result)
+    assert isinstance(result, str) and result
+
+
+# --- Testing your custom model: the guide's training test, with the training code ------------
+def test_training():
+    """Test custom model training."""
+    from lab.api import LLM
+    from lab.data import InstructionDataset
+    from lab.train import fit
+
+    torch.manual_seed(0)
+    config = MyModelConfig(n_layer=2, n_head=4, n_embd=128, intermediate_size=256)
+    model = CustomGPT(config)
+
+    # Small dataset for testing
+    data = [{"instruction": "Test", "input": "", "output": "OK"}]
+
+    # Should run without errors
+    llm = LLM(model=model)
+    history = fit(
+        llm.model, InstructionDataset(data, llm.tokenizer), steps=40, batch_size=2, lr=3e-3,
+        warmup_steps=0, progress=False,
+    )  # fmt: skip
+    assert history.loss[-1] < history.loss[0] / 10
+    answer = llm.generate(InstructionDataset.prompt(data[0]), max_new_tokens=5, temperature=0)
+    assert answer == "OK"
+    print("✓ Training works")
+
+
+# --- Common patterns: mixture of experts -----------------------------------------------------
+def test_mixture_of_experts_from_a_config():
+    """The guide's ``MoELayer`` (num_experts, moe_top_k, a boolean-mask loop and no load
+    balancing), done as lab does it: ``mlp_class_name="MoE"`` with sorted dispatch and a
+    load-balancing loss collected by ``lab.moe.auxiliary_loss``."""
+    from lab.moe import MoE, auxiliary_loss
+
+    config = Config(**SMALL, mlp_class_name="MoE", n_expert=4, n_expert_per_token=2,
+                    intermediate_size=64, moe_aux_loss_coef=0.01)  # fmt: skip
+    model = GPT(config)
+    assert all(isinstance(block.mlp, MoE) for block in model.transformer.h)
+    idx = torch.randint(0, 1000, (2, 9))
+    loss = nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+    (loss + auxiliary_loss(model)).backward()
+    assert auxiliary_loss(model) > 0
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,456 @@
+"""Text generation: sampling, KV-cache decoding, stop conditions and streaming.
+
+    prompt ids --model--> logits of the last position --sample--> next id --> append, repeat
+
+Two ways to get the next logits, chosen by ``supports_kv_cache(model)``:
+
+- **KV cache** (``GPT`` and models built from its unmodified attention): the prompt
+  is run once ("prefill"), then each step feeds only the newest token at
+  ``input_pos`` and reads the past keys and values from the cache;
+- **full recomputation** (any module mapping ids (B, T) to logits (B, T, V), such as
+  the guide's ``CustomGPT``, whose attention ignores the cache): the whole sequence
+  again at every step. Slower, the same tokens (the tests check both ways agree).
+
+Batched prompts of different lengths are padded on the left, so every row's newest
+token is in the last column, and an attention mask hides the padding::
+
+    row 0:  pad pad  a   b   c  | new new ...
+    row 1:   d   e   f   g   h  | new new ...
+
+Padding shifts a row's absolute positions. RoPE, ALiBi and NoPE only see
+*relative* positions, so a padded row gets the tokens it would get alone (greedy:
+exactly, up to float rounding); a model with learned or sinusoidal positions, or one
+that takes no ``mask``, is instead run once per group of equal-length prompts.
+
+Sampling draws from a ``torch.Generator`` (``seed`` makes one), never the global RNG,
+so a seed gives the same text whatever else the program draws.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+
+import torch
+from torch import nn
+
+from lab.model import GPT, Block, CausalSelfAttention
+from lab.tokenizer import IncrementalDecoder, Tokenizer
+
+FINISHED = -1  # the id ``decode_steps`` reports for a row that has stopped
+
+
+# --- sampling --------------------------------------------------------------------------
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V).
+
+    ``temperature == 0`` is greedy (argmax). Otherwise the distribution is
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely ids, then
+    to the smallest set of most likely ids whose probability reaches ``top_p``
+    (nucleus sampling, Holtzman et al., 2020), renormalised.
+
+    Draws use the exponential race: ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` picks
+    ``i`` with probability ``p_i``. It takes the same number of random draws whatever
+    the logits are, so one seed gives one sequence of draws.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the first id keeps 0
+        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
+        probs = probs.masked_fill(drop, 0.0)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
+    """Raise a ValueError naming the sampling argument that is out of range."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature}; use 0 for greedy or a positive number")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}; use a positive integer, or None for no limit")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}; use a probability mass in (0, 1] (1 keeps every id)")
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (a fresh random seed if None)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+# --- what the model can do --------------------------------------------------------------
+
+
+def supports_kv_cache(model: nn.Module) -> bool:
+    """Whether incremental decoding with ``model.set_kv_cache`` gives the right logits.
+
+    Having ``set_kv_cache`` is not enough: the guide's ``CustomGPT`` inherits it from
+    ``GPT`` while its own ``forward`` and attention never read the cache. So the
+    answer is yes only if the model runs ``GPT.forward`` and every block and its
+    attention run the stock ``forward`` (an override may only change helpers such as
+    ``qkv`` or ``scaled_dot_product_attention``). A class that handles ``input_pos``
+    and ``mask`` as the stock ones do says so with ``supports_kv_cache = True``.
+    """
+    declared = getattr(type(model), "supports_kv_cache", None)
+    if declared is not None:
+        return bool(declared)
+    if not isinstance(model, GPT) or type(model).forward is not GPT.forward:
+        return False
+    return all(
+        _runs_stock(block, Block)
+        and isinstance(block.attn, CausalSelfAttention)
+        and _runs_stock(block.attn, CausalSelfAttention)
+        for block in model.transformer.h
+    )
+
+
+def _runs_stock(module: nn.Module, base: type) -> bool:
+    own = type(module)
+    return own.forward is base.forward or bool(getattr(own, "supports_kv_cache", False))
+
+
+def supports_padding(model: nn.Module) -> bool:
+    """Whether left-padded rows decode as they would alone: the model takes a
+    ``mask`` that reaches every attention (``supports_kv_cache``) and sees only
+    relative positions (not learned or sinusoidal embeddings)."""
+    config = getattr(model, "config", None)
+    absolute = config is not None and config.positional_class.level == "embedding"
+    return supports_kv_cache(model) and not absolute and _takes_mask(model)
+
+
+def _takes_mask(model: nn.Module) -> bool:
+    return "mask" in inspect.signature(model.forward).parameters
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+# --- decoding ids ---------------------------------------------------------------------------
+
+
+def decode_steps(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop_tokens: Sequence[int] = (),
+    vocab_size: int | None = None,
+    kv_cache: bool | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each step's new ids (B,) for prompts (1-D id tensors), ``FINISHED`` (-1)
+    for rows that have produced one of ``stop_tokens`` (which is not reported).
+
+    Stops after ``max_new_tokens`` steps or once every row has finished. Logits beyond
+    ``vocab_size`` (padded embedding rows a tokenizer never produces) are ignored.
+    ``kv_cache`` None uses the cache when ``supports_kv_cache(model)``. Prompts of
+    different lengths need ``supports_padding(model)`` (see ``generate``, which
+    groups them otherwise). The model runs in eval mode and no_grad, and any KV cache
+    made here is removed when the generator is closed or exhausted.
+    """
+    check_sampling(temperature, top_k, top_p)
+    use_cache = supports_kv_cache(model) if kv_cache is None else kv_cache
+    if use_cache and not supports_kv_cache(model):
+        raise ValueError(
+            f"kv_cache=True, but {type(model).__name__} does not use a KV cache "
+            "(see lab.generate.supports_kv_cache); pass kv_cache=None or False"
+        )
+    ids, real = _left_pad(prompts, _device(model))
+    padded = not bool(real.all())
+    if padded and not supports_padding(model):
+        raise ValueError(
+            f"prompts of different lengths need a model that masks padding and sees only "
+            f"relative positions, which {type(model).__name__} does not; "
+            "use lab.generate.generate, which groups prompts by length"
+        )
+    _check_length(model, ids.size(1), max_new_tokens)
+    return _decode(
+        model, ids, real if padded else None, max_new_tokens, use_cache,
+        dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
+        torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device), vocab_size,
+    )  # fmt: skip
+
+
+def _decode(
+    model: nn.Module,
+    ids: torch.Tensor,
+    real: torch.Tensor | None,
+    max_new_tokens: int,
+    use_cache: bool,
+    sampling: dict,
+    stop_tokens: torch.Tensor,
+    vocab_size: int | None,
+) -> Iterator[torch.Tensor]:
+    """The loop behind ``decode_steps`` (a separate generator so that argument errors
+    surface when ``decode_steps`` is called, not at the first ``next``)."""
+    B, L = ids.shape
+    was_training = model.training
+    model.eval()
+    if use_cache:
+        model.set_kv_cache(B, max(L + max_new_tokens - 1, 1))
+    if real is not None:  # every generated token is real: extend the row mask once
+        real = torch.cat([real, real.new_ones(B, max_new_tokens)], dim=1)
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    try:
+        with torch.inference_mode():
+            x, input_pos = ids, torch.arange(L, device=ids.device)
+            for step in range(max_new_tokens):
+                kwargs = {} if real is None else {"mask": _padding_mask(real, L + step, x.size(1))}
+                if use_cache:
+                    logits = model(x, input_pos=input_pos, **kwargs)[:, -1]
+                else:
+                    logits = model(x, **kwargs)[:, -1]
+                token = sample(logits[:, :vocab_size], **sampling)
+                stopped = torch.isin(token, stop_tokens)
+                yield token.masked_fill(finished | stopped, FINISHED)
+                finished |= stopped
+                if len(stop_tokens) and bool(finished.all()):
+                    return
+                if use_cache:
+                    x, input_pos = token[:, None], input_pos[-1:] + 1
+                else:
+                    x = torch.cat([x, token[:, None]], dim=1)
+    finally:
+        if use_cache:
+            model.clear_kv_cache()
+        model.train(was_training)
+
+
+def _left_pad(
+    prompts: Sequence[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D prompts right-aligned: ids (B, L) padded with 0, real (B, L) bool."""
+    if isinstance(prompts, torch.Tensor) or not prompts:
+        raise ValueError("prompts must be a non-empty list of 1-D id tensors")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} has no tokens; give every prompt some text")
+    L = max(lengths)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
+    real = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        if prompt.ndim != 1:
+            raise ValueError(f"prompt {row} has shape {tuple(prompt.shape)}; pass 1-D id tensors")
+        ids[row, L - len(prompt) :] = prompt.to(device)
+        real[row, L - len(prompt) :] = True
+    return ids, real
+
+
+def _padding_mask(real: torch.Tensor, S: int, T: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: the last T of S positions may attend to real keys. A pad
+    query also sees itself: a row with every key hidden would make SDPA return NaN,
+    which 0 * NaN would then spread into the real rows."""
+    keys = real[:, None, None, :S]
+    itself = (
+        torch.arange(S, device=real.device) == torch.arange(S - T, S, device=real.device)[:, None]
+    )
+    return keys | itself
+
+
+def _check_length(model: nn.Module, prompt_length: int, max_new_tokens: int) -> None:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; use a non-negative integer")
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    needed = prompt_length + max_new_tokens - 1  # the last new token is never fed back
+    if block_size is not None and needed > block_size:
+        raise ValueError(
+            f"a {prompt_length}-token prompt plus max_new_tokens={max_new_tokens} needs "
+            f"{needed} positions, more than block_size ({block_size}); lower max_new_tokens "
+            "or shorten the prompt"
+        )
+
+
+def _groups(model: nn.Module, prompts: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of prompts that can share a batch: all of them when padding is safe,
+    else those of equal length."""
+    if supports_padding(model):
+        return [list(range(len(prompts)))]
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    return list(by_length.values())
+
+
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor | Sequence[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] = (),
+    vocab_size: int | None = None,
+    kv_cache: bool | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """The new ids (without the prompt or the stop token) for one 1-D prompt, or a
+    list of them for a list of prompts (batched; see ``decode_steps`` for the rest).
+
+    >>> generate(model, tokenizer.encode("def "), 20, temperature=0)  # doctest: +SKIP
+    """
+    prompts = [prompt] if isinstance(prompt, torch.Tensor) else list(prompt)
+    generator = make_generator(seed, _device(model))
+    new: list[list[int]] = [[] for _ in prompts]
+    for group in _groups(model, prompts):
+        steps = decode_steps(
+            model, [prompts[i] for i in group], max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+            stop_tokens=stop_tokens, vocab_size=vocab_size, kv_cache=kv_cache,
+        )  # fmt: skip
+        for tokens in steps:  # a finished row reports FINISHED from then on
+            for i, token in zip(group, tokens.tolist(), strict=True):
+                if token != FINISHED:
+                    new[i].append(token)
+    out = [torch.tensor(row, dtype=torch.long) for row in new]
+    return out[0] if isinstance(prompt, torch.Tensor) else out
+
+
+# --- text -------------------------------------------------------------------------------------
+
+
+class TextRow:
+    """One row's text as ids arrive: whole characters only (``IncrementalDecoder``),
+    cut at the first stop string, and holding back any tail that may begin one."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop = tuple(s for s in stop if s)
+        self.pending = ""
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that is now safe to show."""
+        return self._release(self.decoder.step(token_id), final=False)
+
+    def finish(self) -> str:
+        """End of generation: return everything still held back."""
+        text = self._release(self.decoder.flush(), final=True)
+        self.done = True
+        return text
+
+    def _release(self, piece: str, final: bool) -> str:
+        text = self.pending + piece
+        hits = [i for s in self.stop if (i := text.find(s)) >= 0]
+        if hits:
+            self.pending, self.done = "", True
+            return text[: min(hits)]
+        keep = 0 if final else _stop_prefix_length(text, self.stop)
+        self.pending = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+
+def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """Token ids of each prompt; an empty prompt is an error (there is nothing to
+    continue from)."""
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for prompt, ids in zip(prompts, encoded, strict=True):
+        if len(ids) == 0:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens; give it some text")
+    return encoded
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    **decode_kwargs,
+) -> list[str]:
+    """The continuation of each prompt, cut before the first of ``stop`` (strings).
+    ``decode_kwargs`` go to ``decode_steps`` (temperature, top_k, top_p, stop_tokens...)."""
+    encoded = encode_prompts(tokenizer, prompts)
+    rows = [TextRow(tokenizer, stop) for _ in prompts]
+    generator = make_generator(seed, _device(model))
+    texts = [""] * len(prompts)
+    for group in _groups(model, encoded):
+        steps = decode_steps(
+            model, [encoded[i] for i in group], max_new_tokens, generator=generator,
+            vocab_size=tokenizer.vocab_size, **decode_kwargs,
+        )  # fmt: skip
+        with closing(steps):
+            for tokens in steps:
+                for i, token in zip(group, tokens.tolist(), strict=True):
+                    if not rows[i].done:
+                        texts[i] += rows[i].finish() if token == FINISHED else rows[i].push(token)
+                if all(rows[i].done for i in group):
+                    break
+        for i in group:
+            if not rows[i].done:
+                texts[i] += rows[i].finish()
+    return texts
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    **decode_kwargs,
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece as it is generated; the
+    pieces join to what ``generate_text`` returns. A character split across tokens
+    arrives whole; text that may begin a stop string waits until it is known not to."""
+    (ids,) = encode_prompts(tokenizer, [prompt])
+    row = TextRow(tokenizer, stop)
+    steps = decode_steps(
+        model, [ids], max_new_tokens, generator=make_generator(seed, _device(model)),
+        vocab_size=tokenizer.vocab_size, **decode_kwargs,
+    )  # fmt: skip
+    with closing(steps):
+        for tokens in steps:
+            token = int(tokens[0])
+            piece = row.finish() if token == FINISHED else row.push(token)
+            if piece:
+                yield piece
+            if row.done:
+                return
+    if piece := row.finish():
+        yield piece

@@ -1,0 +1,61 @@
+"""What every view shares: a short stable repr, figures as PNG, tokens for a text."""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+import ipywidgets as widgets
+import torch
+from matplotlib.figure import Figure
+
+
+class View:
+    """A thin wrapper around one ipywidgets container (``self.widget``).
+
+    It displays as that widget in a notebook, while its ``text/plain`` repr stays a
+    short, stable line (notebooks under nbval compare it).
+    """
+
+    widget: widgets.Widget
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = repr(self)
+        return bundle
+
+
+def png(figure: Figure) -> bytes:
+    """The figure as PNG bytes, for an ``ipywidgets.Image`` (replacing its value
+    redraws in place, without the flicker of clearing an output area)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()
+
+
+def error_html(message: str) -> str:
+    return f'<pre class="lab-error" style="color:#b00020;white-space:pre-wrap">{html.escape(message)}</pre>'
+
+
+def tokenize(tokenizer: Any, text: str, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """Token ids (1, T) and one label per token, at most ``limit`` tokens.
+
+    ``tokenizer`` is a ``lab.tokenizer.Tokenizer`` (or anything with ``encode`` and
+    ``tokens``/``decode``); None means bytes: ids are UTF-8 byte values (vocab >= 256).
+    """
+    if tokenizer is None:
+        ids = list(text.encode("utf-8"))[:limit]
+        labels = [bytes([b]).decode("utf-8", errors="replace") for b in ids]
+        return torch.tensor([ids]), labels
+    ids = torch.as_tensor(tokenizer.encode(text)).flatten()[:limit]
+    if hasattr(tokenizer, "tokens"):
+        labels = list(tokenizer.tokens(ids.tolist()))
+    else:
+        labels = [tokenizer.decode([i]) for i in ids.tolist()]
+    return ids[None], labels
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
