@@ -115,17 +115,36 @@ class RotaryPositions(nn.Module):
             config.rope_n_elem, config.rope_base, config.rope_scaling
         )
         self.inv_freq = Fp32Constant(inv_freq)
+        self._cos_sin_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, input_pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` (B, T, n_head, hs) and ``k`` (B, T, n_query_groups, hs)."""
-        pos = positions(input_pos, q.size(1), q.device)
-        angles = pos.float()[:, None] * self.inv_freq.on(q.device)  # (T, n_elem / 2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # (T, 1, n_elem)
-        cos = (angles.cos() * self.attention_factor).to(q.dtype)
-        sin = (angles.sin() * self.attention_factor).to(q.dtype)
+        cos, sin = self.cos_sin(input_pos, q.size(1), q.device)
+        cos, sin = cos.to(q.dtype)[:, None, :], sin.to(q.dtype)[:, None, :]  # (T, 1, n_elem)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def cos_sin(
+        self, input_pos: torch.Tensor | None, T: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin (T, n_elem) of the angles at these positions.
+
+        Rows come from a table that grows (doubling) to the furthest position seen, so
+        a step reads it instead of recomputing, and a model built for 128k tokens holds
+        only as many rows as it has used. A plain attribute, like ``inv_freq``.
+        """
+        needed = T if input_pos is None else int(input_pos.max()) + 1
+        table = self._cos_sin_table
+        if table is None or table[0].size(0) < needed or table[0].device != device:
+            rows = max(needed, 2 * table[0].size(0) if table is not None else 0)
+            angles = torch.arange(rows, device=device).float()[:, None] * self.inv_freq.on(device)
+            angles = torch.cat((angles, angles), dim=-1)  # (rows, n_elem)
+            table = (angles.cos() * self.attention_factor, angles.sin() * self.attention_factor)
+            self._cos_sin_table = table
+        if input_pos is None:
+            return table[0][:T], table[1][:T]
+        return table[0][input_pos], table[1][input_pos]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = self.n_elem

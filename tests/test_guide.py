@@ -425,3 +425,49 @@ def test_mixture_of_experts_from_a_config():
     (loss + auxiliary_loss(model)).backward()
     assert auxiliary_loss(model) > 0
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --- Real example: adapter fine-tuning ----------------------------------------------------
+def test_adapter_config_and_gpt_start_as_the_base_model():
+    """The guide's adapter ``Config`` subclass and adapter ``GPT``. FIX: the prefix is
+    attended to through a zero-initialised gate (LLaMA-Adapter) instead of being
+    concatenated onto the sequence, so the adapted model starts as the base model."""
+    from lab import adapter
+    from lab.config import Config as BaseConfig
+
+    @dataclass
+    class Config(BaseConfig):
+        """Adds adapter-specific parameters."""
+
+        adapter_prompt_length: int = 10
+        adapter_start_layer: int = 2
+
+    torch.manual_seed(0)
+    config = Config(**{**SMALL, "n_layer": 3, "intermediate_size": 64})
+    model = adapter.GPT(config)
+    base = GPT(config)
+    base.load_state_dict(model.state_dict(), strict=False)
+    idx = torch.randint(0, 1000, (2, 8))
+    torch.testing.assert_close(model(idx), base(idx))
+    adapted = [
+        i for i, b in enumerate(model.transformer.h) if b.attn.__class__ is not CausalSelfAttention
+    ]
+    assert adapted == [2]  # from adapter_start_layer on
+    adapter.mark_only_adapter_as_trainable(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("transformer.h.2.attn.") for n in trainable)
+
+
+def test_adapter_v2_linear_is_the_identity_at_init():
+    """The guide's ``AdapterV2Linear(in_features, out_features)``. FIX: AdapterV2 learns
+    a scale and a bias on the frozen linear (Gao et al., 2023), not a low-rank update
+    (that is ``lab.lora.LoRALinear``); both start as the plain linear layer."""
+    from lab.adapter_v2 import AdapterV2Linear
+
+    torch.manual_seed(0)
+    layer = AdapterV2Linear(16, 8)
+    plain = nn.Linear(16, 8)
+    plain.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), plain(x))
+    assert {"adapter_scale", "adapter_bias"} <= {n for n, _ in layer.named_parameters()}
