@@ -54,10 +54,8 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        normed = x_fp32 * torch.rsqrt(x_fp32.square().mean(-1, keepdim=True) + self.eps)
         weight = self.weight.float() + 1 if self.unit_offset else self.weight.float()
-        return (normed * weight).to(x.dtype)
+        return F.rms_norm(x.float(), weight.shape, weight, self.eps).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.weight, 0.0 if self.unit_offset else 1.0)
@@ -419,12 +417,15 @@ class GPT(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
-        """N(0, 0.02) weights and zero biases for linear and embedding layers (GPT-2);
-        other modules reset themselves."""
+        """N(0, 0.02) weights and zero biases for linear and embedding layers (GPT-2),
+        then what a subclass adds (``reset_adapter_parameters``: LoRA's A and B); other
+        modules reset themselves."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+            if hasattr(module, "reset_adapter_parameters"):
+                module.reset_adapter_parameters()
         elif module is not self and hasattr(module, "reset_parameters"):
             module.reset_parameters()
 
