@@ -69,6 +69,12 @@ class AdapterV2Linear(nn.Linear):
         self.adapter_bias = nn.Parameter(torch.zeros(self.out_features, **kwargs))
         self.adapter_scale = nn.Parameter(torch.ones(self.out_features, **kwargs))
 
+    def reset_adapter_parameters(self) -> None:
+        """Back to the identity (``GPT.reset_parameters`` calls this, e.g. after
+        ``to_empty`` on a model built on the meta device)."""
+        nn.init.zeros_(self.adapter_bias)
+        nn.init.ones_(self.adapter_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter_scale * (F.linear(x, self.weight, self.bias) + self.adapter_bias)
 

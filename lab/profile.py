@@ -31,15 +31,15 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from lab import registry
+from lab import lora, registry
 from lab.config import Config
 
 # precision -> (bytes per parameter, bytes per activation in matmuls), Lightning's names.
 PRECISIONS = {"32-true": (4, 4), "bf16-true": (2, 2), "bf16-mixed": (4, 2), "16-mixed": (4, 2)}
 # optimizer -> (states per trainable parameter, bytes per state or None = parameter dtype)
 OPTIMIZERS = {"adamw": (2, None), "sgd": (1, None), "adamw8bit": (2, 1), None: (0, None)}
-FINETUNE = ("full", "lora", "adapter", "none")
-LORA_TARGETS = ("attn", "proj", "fc_1", "fc_2", "lm_head")
+FINETUNE = ("full", "lora", "adapter", "adapter_v2", "none")
+LORA_TARGETS = lora.TARGETS
 # bitsandbytes keeps one fp32 scale per block of 2048 values of each 8-bit state
 # (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization").
 BLOCKWISE_8BIT = 2048
@@ -165,10 +165,7 @@ def layer_parameters(config: Config, block_idx: int) -> int:
     total += _linear(*_attention_linears(cfg)["proj"][:2], cfg.bias)
     for name, (n_in, n_out, copies) in _mlp_linears(cfg).items():
         total += copies * _linear(n_in, n_out, cfg.bias and name != "router")
-    norms = 1 + (not cfg.shared_attention_norm) + cfg.post_attention_norm + cfg.post_mlp_norm
-    total += norms * _norm(cfg, cfg.n_embd)
-    total += 2 * cfg.head_size if cfg.norm_qk else 0  # RMSNorm on q and k, per head
-    return total
+    return total + _layer_norm_parameters(cfg)
 
 
 def parameter_count(config: Config) -> int:
@@ -181,54 +178,144 @@ def parameter_count(config: Config) -> int:
     return total + sum(layer_parameters(config, i) for i in range(config.n_layer))
 
 
-def _matmul_weights(config: Config) -> int:
-    """Parameters of linear layers: those autocast copies to 16 bits in mixed precision."""
-    per_layer = 0
+def _matmul_weights(config: Config, method: FineTuning) -> int:
+    """Parameters of linear layers whose 16-bit copies (autocast, mixed precision) the
+    backward pass keeps: a frozen layer's only when its input needs a gradient, so
+    from the first trainable block on (its QKV too only if its input or the adapter's
+    prefix needs one)."""
+    total = 0
     for i in range(config.n_layer):
-        cfg = config.for_layer(i)
-        linears = {**_attention_linears(cfg), **_mlp_linears(cfg)}.values()
-        per_layer += sum(n_in * n_out * copies for n_in, n_out, copies in linears)
-    return per_layer + config.padded_vocab_size * config.n_embd
+        if method.input_grad(i) or method.trains_in_layer(i):
+            cfg = config.for_layer(i)
+            linears = {**_attention_linears(cfg), **_mlp_linears(cfg)}
+            if not (method.input_grad(i) or method.prefix(i) or method.method == "adapter_v2"):
+                del linears["attn"]
+            total += sum(n_in * n_out * copies for n_in, n_out, copies in linears.values())
+    head = method.input_grad(config.n_layer)
+    return total + config.padded_vocab_size * config.n_embd * head
+
+
+def _layer_norm_parameters(cfg: Config) -> int:
+    """Parameters of a block's norms (RMSNorm on q and k per head, with ``norm_qk``)."""
+    norms = 1 + (not cfg.shared_attention_norm) + cfg.post_attention_norm + cfg.post_mlp_norm
+    return norms * _norm(cfg, cfg.n_embd) + (2 * cfg.head_size if cfg.norm_qk else 0)
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """What trains, exactly as ``lab.lora``, ``lab.adapter`` and ``lab.adapter_v2`` set
+    it up (with their ``mark_only_*_as_trainable``, biases frozen):
+
+    - ``full``: every parameter; ``none``: none (inference).
+    - ``lora`` (Hu et al. 2021): ``lora_targets`` are ``lab.lora.TARGETS``. The fused QKV
+      gets one pair ``A (r, C)``, ``B (part, r)`` per enabled part (``query`` nh hs,
+      ``key`` and ``value`` ng hs rows), so ``r (C + part)`` each; ``projection``,
+      each of ``fc_1``/``fc_2`` (``mlp``) and ``lm_head`` (``head``) one pair of
+      ``r (n_in + n_out)``.
+    - ``adapter`` (LLaMA-Adapter, Zhang et al. 2023): from ``adapter_start_layer`` on,
+      ``adapter_prompt_length`` prefix vectors of width C and one gate per head.
+    - ``adapter_v2`` (Gao et al. 2023): the adapter's prefixes and gates, a scale and a
+      bias per output of every linear layer but the embedding, and every norm.
+    """
+
+    method: str = "full"
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    adapter_prompt_length: int = 10
+    adapter_start_layer: int = 2
+
+    def __post_init__(self) -> None:
+        _choice("finetune", self.method, FINETUNE)
+        targets = [self.lora_targets] if isinstance(self.lora_targets, str) else self.lora_targets
+        object.__setattr__(self, "lora_targets", tuple(sorted(set(targets))))
+        if self.method == "lora" and (not self.lora_targets or set(targets) - set(LORA_TARGETS)):
+            raise ValueError(
+                f"lora_targets={tuple(targets)!r} is not supported: choose a non-empty subset "
+                f"of lab.lora.TARGETS {LORA_TARGETS} (the fused QKV is 'query', 'key', "
+                "'value'; 'mlp' is fc_1 and fc_2; 'head' is lm_head)"
+            )
+        for name in ("lora_r", "adapter_prompt_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+
+    def prefix(self, block_idx: int) -> bool:
+        """Whether block ``block_idx`` has the adapter's gated prefix."""
+        return self.method in ("adapter", "adapter_v2") and block_idx >= self.adapter_start_layer
+
+    def trains_in_layer(self, block_idx: int) -> bool:
+        """Whether block ``block_idx`` holds a trainable parameter."""
+        if self.method == "lora":
+            return bool(set(self.lora_targets) - {"head"})
+        if self.method == "adapter":
+            return self.prefix(block_idx)
+        return self.method in ("full", "adapter_v2")
+
+    def input_grad(self, block_idx: int) -> bool:
+        """Whether the residual stream entering block ``block_idx`` (``n_layer``: the
+        final norm) needs a gradient: always when the embedding trains, else only
+        after a block that trains. Before that, frozen layers save nothing. ``none``
+        counts as if it did: one layer's working set."""
+        if self.method in ("full", "none"):
+            return True
+        return any(self.trains_in_layer(i) for i in range(block_idx))
+
+    def counts(self, config: Config) -> tuple[int, int]:
+        """(trainable parameters, parameters the method adds to the model)."""
+        if self.method in ("full", "none"):
+            return (parameter_count(config) if self.method == "full" else 0), 0
+        if self.method != "lora" and not 0 <= self.adapter_start_layer < config.n_layer:
+            raise ValueError(
+                f"adapter_start_layer ({self.adapter_start_layer}) must be a layer index, "
+                f"0..{config.n_layer - 1}"
+            )
+        r, C, targets = self.lora_r, config.n_embd, set(self.lora_targets)
+        v2 = self.method == "adapter_v2"
+        added, norms = 0, _norm(config, C) if v2 else 0  # ln_f
+        for i in range(config.n_layer):
+            cfg = config.for_layer(i)
+            Q, K = cfg.n_head * cfg.head_size, cfg.n_query_groups * cfg.head_size
+            added += self.adapter_prompt_length * C + cfg.n_head if self.prefix(i) else 0
+            if v2 or "mlp" in targets:
+                mlp = _dense_mlp_linears(cfg, i, "finetune='adapter_v2'" if v2 else "'mlp'")
+            if self.method == "lora":
+                parts = {"query": Q, "key": K, "value": K}
+                added += sum(r * (C + size) for name, size in parts.items() if name in targets)
+                added += r * (Q + C) if "projection" in targets else 0
+                added += sum(r * (n_in + n_out) for n_in, n_out in mlp) if "mlp" in targets else 0
+            elif v2:  # a scale and a bias per output of QKV, proj, fc_1, fc_2
+                added += 2 * (Q + 2 * K + C + sum(n_out for _, n_out in mlp))
+                norms += _layer_norm_parameters(cfg)
+        V = config.padded_vocab_size
+        added += r * (C + V) if self.method == "lora" and "head" in targets else 0
+        added += 2 * V if v2 else 0
+        return added + norms, added
+
+
+def _dense_mlp_linears(cfg: Config, block_idx: int, what: str) -> list[tuple[int, int]]:
+    """(in, out) of ``fc_1`` and ``fc_2``; a MoE has none (as ``lab.lora`` refuses it)."""
+    if cfg.mlp_class_name == "MoE":
+        raise ValueError(
+            f"layer {block_idx}'s MoE has no fc_1/fc_2 linear layers for {what}; "
+            "drop 'mlp' from lora_targets (AdapterV2 needs a dense MLP)"
+        )
+    return [(n_in, n_out) for n_in, n_out, _ in _mlp_linears(cfg).values()]
 
 
 def trainable_parameters(
     config: Config,
     finetune: str = "full",
     lora_r: int = 8,
-    lora_targets: Iterable[str] = ("attn",),
+    lora_targets: Iterable[str] = lora.DEFAULT_TARGETS,
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
 ) -> int:
-    """Parameters that get gradients and optimizer state.
-
-    - ``full``: all of them.
-    - ``lora`` (Hu et al. 2021): each targeted ``nn.Linear(n_in, n_out)`` gains
-      ``A (r, n_in)`` and ``B (n_out, r)``, so ``r (n_in + n_out)`` trainable values;
-      ``lora_targets`` names linear layers (``attn`` is the whole fused QKV, ``proj``,
-      ``fc_1``, ``fc_2`` of every layer, ``lm_head`` once; MoE experts each count).
-    - ``adapter`` (LLaMA-Adapter, Zhang et al. 2023): from ``adapter_start_layer`` on,
-      each layer learns ``adapter_prompt_length`` prompt vectors of width C and one
-      gate per head.
-    - ``none``: inference.
-    """
-    _choice("finetune", finetune, FINETUNE)
-    if finetune == "full":
-        return parameter_count(config)
-    if finetune == "none":
-        return 0
-    if finetune == "adapter":
-        layers = range(min(adapter_start_layer, config.n_layer), config.n_layer)
-        return sum(
-            adapter_prompt_length * config.n_embd + config.for_layer(i).n_head for i in layers
-        )
-    targets = set(lora_targets)
-    _choice("lora_targets", next(iter(targets - set(LORA_TARGETS)), "attn"), LORA_TARGETS)
-    total = lora_r * (config.n_embd + config.padded_vocab_size) if "lm_head" in targets else 0
-    for i in range(config.n_layer):
-        cfg = config.for_layer(i)
-        for name, (n_in, n_out, copies) in {**_attention_linears(cfg), **_mlp_linears(cfg)}.items():
-            total += copies * lora_r * (n_in + n_out) if name in targets else 0
-    return total
+    """Parameters that get gradients and optimizer state after ``finetune`` is set up
+    (see ``FineTuning``): equal to the count of ``requires_grad`` parameters of a model
+    after ``apply_lora`` + ``mark_only_lora_as_trainable`` (``apply_adapter`` or
+    ``apply_adapter_v2`` + ``mark_only_adapter_as_trainable``) with these settings."""
+    method = FineTuning(finetune, lora_r, lora_targets, adapter_prompt_length, adapter_start_layer)
+    return method.counts(config)[0]
 
 
 # --- activations, analytically --------------------------------------------------------------
@@ -247,6 +334,21 @@ class _Bytes:
         return self.param
 
 
+def _norm_saved(
+    cfg: Config, rows: int, size: int, input_bytes: int, grad: bool, trains: bool
+) -> int:
+    """Bytes a norm saves when its input needs a gradient (``grad``) or its weight
+    trains; ``input_bytes`` 0 when its input is saved elsewhere."""
+    if not (grad or trains):
+        return 0
+    if cfg.norm_class_name == "LayerNorm":
+        return rows * size * input_bytes + 8 * rows  # input, fp32 mean and rstd
+    # RMSNorm: x.float() (x itself when fp32) and rsqrt for the input's gradient,
+    # the normed value for the weight's.
+    fp32_input = 4 if input_bytes and grad else 0
+    return rows * size * (fp32_input + 4 * trains) + 4 * rows * grad
+
+
 def layer_activations(
     config: Config,
     block_idx: int,
@@ -254,7 +356,7 @@ def layer_activations(
     seq_len: int,
     precision: str = "32-true",
     fused_attention: bool = True,
-    trainable: str = "all",
+    finetune: str | FineTuning = "full",
 ) -> dict[str, int]:
     """Bytes autograd saves for the backward pass of one block, by tensor.
 
@@ -280,71 +382,106 @@ def layer_activations(
       gated expert each, plus the router's ``N E`` probabilities, indices, and the
       gathered inputs, outputs and gated outputs ``3 N k C``.
 
-    ``trainable`` is ``"all"`` (full fine-tuning), or a set of LoRA target names
-    whose inputs are kept while the frozen weights and norms keep nothing extra.
+    ``finetune`` (a method name or a ``FineTuning``) decides what is kept, as in the
+    modules of ``lab.lora``/``lab.adapter``/``lab.adapter_v2``: a frozen layer keeps
+    no input, and an operation none of whose inputs needs a gradient keeps nothing,
+    so blocks before the first trainable one save nothing at all. LoRA adds its
+    input and ``N r`` per pair (``x A^T``); the adapter's prefix attention a copy of
+    q, the gated prefix output (``2 N Q``), the ``B nh T P`` fp32 softmax (and its
+    16-bit cast) and the prefix keys and values expanded to the batch; AdapterV2
+    also every linear layer's output (for its scale; fp32 under autocast, where the
+    fp32 bias promotes it) and each norm's normed value.
     """
+    ft = finetune if isinstance(finetune, FineTuning) else FineTuning(finetune)
     cfg = config.for_layer(block_idx)
     bytes_ = _Bytes(*PRECISIONS[precision])
     N, C, T = batch_size * seq_len, cfg.n_embd, seq_len
-    nh, hs = cfg.n_head, cfg.head_size
+    nh, hs, width = cfg.n_head, cfg.head_size, bytes_.compute
     Q, K = nh * hs, cfg.n_query_groups * hs
-    full = trainable == "all"
+    full, v2 = ft.method == "full", ft.method == "adapter_v2"
+    adapted = set(ft.lora_targets) if ft.method == "lora" else set()
+    qkv_adapted = len(adapted & {"query", "key", "value"})
+    norms_train = full or v2
+    prefix = ft.prefix(block_idx)
 
-    def keeps(linear: str) -> bool:
-        return full or linear in trainable
+    def norm(rows: int, size: int, input_bytes: int, grad: bool) -> int:
+        return _norm_saved(cfg, rows, size, input_bytes, grad, norms_train)
 
-    def norm(rows: int, size: int, input_bytes: int) -> int:
-        """A norm's saved bytes; ``input_bytes`` 0 when its input is saved elsewhere."""
-        if cfg.norm_class_name == "LayerNorm":
-            return rows * size * input_bytes + 8 * rows  # input, fp32 mean and rstd
-        # RMSNorm saves x.float() (x itself when already fp32), the normed value, rsqrt
-        fp32_input = 4 if input_bytes else 0
-        return rows * size * (fp32_input + 4 * full) + 4 * rows
-
-    terms = {"norm_1": norm(N, C, bytes_.residual)}
+    grad = ft.input_grad(block_idx)
+    terms = {"norm_1": norm(N, C, bytes_.residual, grad)}
+    qkv_grad = grad or norms_train or qkv_adapted > 0 or v2  # the fused QKV output's
+    terms["attn_input"] = N * C * width if full or qkv_adapted else 0
+    lora_hidden = N * ft.lora_r * width * qkv_adapted  # x A^T of each adapted part
+    materialised = not fused_attention or cfg.attention_logit_softcapping is not None
+    if cfg.norm_qk:
+        # q and k are views of the QKV output: only a 16-bit one is copied to fp32
+        input_bytes = 0 if width == 4 else width
+        terms["norm_qk"] = norm(N * nh, hs, input_bytes, qkv_grad) + norm(
+            N * K // hs, hs, input_bytes, qkv_grad
+        )
+    if qkv_grad and cfg.positional == "rope":
+        terms["rope_cos_sin"] = 2 * T * cfg.rope_n_elem * width
+    if qkv_grad and cfg.positional == "alibi":  # approximate: the kernel keeps the bias
+        terms["alibi_bias"] = nh * T * T * width
+    if qkv_grad and materialised:
+        # q @ k^T and weights @ v save contiguous copies of q and of k, v expanded to
+        # every head; then the fp32 softmax, its 16-bit cast, the capped scores' tanh
+        # and the bool causal mask. The QKV output itself is freed (unless an fp32
+        # QK-norm keeps a view of it).
+        if cfg.norm_qk and width == 4:
+            terms["qkv"] = N * (Q + 2 * K) * width
+        terms["q_k_v"] = (N * Q + 2 * batch_size * nh * T * hs) * width
+        scores = 4 + (width if width != 4 else 0)
+        scores += width if cfg.attention_logit_softcapping is not None else 0
+        terms["attention_scores"] = batch_size * nh * T * T * scores + T * T
+    elif qkv_grad:
+        # SDPA saves q, k, v (views of the QKV output unless RoPE or QK-norm made new
+        # q and k), its output and the fp32 log-sum-exp; a sliding window its mask.
+        terms["qkv"] = N * (Q + 2 * K) * width
+        if cfg.positional == "rope" or cfg.norm_qk:
+            terms["q_k"] = N * (Q + K) * width
+        terms["attention_lse"] = batch_size * nh * T * 4
+        if cfg.sliding_window_size is not None:
+            terms["mask"] = T * T * width
+    # The fused kernel keeps its output, which is also proj's input unless the prefix
+    # term was added to it or the materialised path copied it.
+    proj_keeps = full or "projection" in adapted
+    kernel_output = qkv_grad and not materialised
+    separate = materialised or prefix or not kernel_output
+    terms["attention_output"] = N * Q * width * (kernel_output + (proj_keeps and separate))
+    lora_hidden += N * ft.lora_r * width if "projection" in adapted else 0
+    if prefix:
+        P = ft.adapter_prompt_length
+        cast = width if width != 4 else 0
+        capped = width if cfg.attention_logit_softcapping is not None else 0
+        terms["adapter_prefix"] = (
+            2 * N * Q * width  # q copied for q ak^T, and the prefix output the gate scales
+            + batch_size * nh * T * P * (4 + cast + capped)  # fp32 softmax, cast, tanh
+            + batch_size * nh * P * hs * width * (1 + qkv_grad)  # av (and ak) expanded
+        )
+    attention_grad = qkv_grad or prefix or proj_keeps or v2  # the attention branch output's
+    if cfg.post_attention_norm:  # Gemma 2's sandwich norms, on each branch's output
+        terms["post_attention_norm"] = norm(N, C, width, attention_grad)
+    mlp_grad = grad if cfg.parallel_residual else grad or attention_grad  # norm_2's input
     if not cfg.shared_attention_norm:
         # Parallel branches normalise the same x: its saved copy is shared when fp32.
         shared = cfg.parallel_residual and (
             bytes_.residual == 4 or cfg.norm_class_name == "LayerNorm"
         )
-        terms["norm_2"] = norm(N, C, 0 if shared else bytes_.residual)
-    terms["attn_input"] = N * C * bytes_.compute if keeps("attn") else 0
-    materialised = not fused_attention or cfg.attention_logit_softcapping is not None
-    if cfg.norm_qk:
-        # q and k are views of the QKV output: only a 16-bit one is copied to fp32
-        input_bytes = 0 if bytes_.compute == 4 else bytes_.compute
-        terms["norm_qk"] = norm(N * nh, hs, input_bytes) + norm(N * K // hs, hs, input_bytes)
-    if cfg.positional == "rope":
-        terms["rope_cos_sin"] = 2 * T * cfg.rope_n_elem * bytes_.compute
-    if cfg.positional == "alibi":  # approximate: the fused kernel keeps the (nh, T, S) bias
-        terms["alibi_bias"] = nh * T * T * bytes_.compute
-    if materialised:
-        # q @ k^T and weights @ v save contiguous copies of q and of k, v expanded to
-        # every head; then the fp32 softmax, its 16-bit cast, the capped scores' tanh
-        # and the bool causal mask. The QKV output itself is freed (unless an fp32
-        # QK-norm keeps a view of it).
-        if cfg.norm_qk and bytes_.compute == 4:
-            terms["qkv"] = N * (Q + 2 * K) * bytes_.compute
-        terms["q_k_v"] = (N * Q + 2 * batch_size * nh * T * hs) * bytes_.compute
-        width = 4 + (bytes_.compute if bytes_.compute != 4 else 0)
-        width += bytes_.compute if cfg.attention_logit_softcapping is not None else 0
-        terms["attention_scores"] = batch_size * nh * T * T * width + T * T
-    else:
-        # SDPA saves q, k, v (views of the QKV output unless RoPE or QK-norm made new
-        # q and k), its output and the fp32 log-sum-exp; a sliding window its mask.
-        terms["qkv"] = N * (Q + 2 * K) * bytes_.compute
-        if cfg.positional == "rope" or cfg.norm_qk:
-            terms["q_k"] = N * (Q + K) * bytes_.compute
-        terms["attention_lse"] = batch_size * nh * T * 4
-        if cfg.sliding_window_size is not None:
-            terms["mask"] = T * T * bytes_.compute
-    terms["attention_output"] = N * Q * bytes_.compute
-    if cfg.post_attention_norm:  # Gemma 2's sandwich norms, on each branch's output
-        terms["post_attention_norm"] = norm(N, C, bytes_.compute)
+        terms["norm_2"] = norm(N, C, 0 if shared else bytes_.residual, mlp_grad)
+    keeps_mlp = full or "mlp" in adapted
+    terms["mlp_input"] = N * C * width if keeps_mlp else 0
+    lora_hidden += 2 * N * ft.lora_r * width if "mlp" in adapted else 0
+    mlp_grad = mlp_grad or norms_train or keeps_mlp  # fc_1's output
+    if mlp_grad:
+        terms.update(_mlp_activations(cfg, N, width, keeps_mlp))
     if cfg.post_mlp_norm:
-        terms["post_mlp_norm"] = norm(N, C, bytes_.compute)
-    terms["mlp_input"] = N * C * bytes_.compute if keeps("fc_1") else 0
-    terms.update(_mlp_activations(cfg, N, bytes_.compute, keeps("fc_2")))
+        terms["post_mlp_norm"] = norm(N, C, width, mlp_grad)
+    if adapted:
+        terms["lora"] = lora_hidden
+    if v2:  # each linear layer's output, kept for its scale
+        fc_1 = _mlp_linears(cfg)["fc_1"][1]
+        terms["adapter_v2_outputs"] = N * (Q + 2 * K + C + fc_1 + C) * bytes_.param
     return terms
 
 
@@ -376,7 +513,7 @@ def estimate_memory(
     finetune: str = "full",
     fused_attention: bool = True,
     lora_r: int = 8,
-    lora_targets: Iterable[str] = ("attn",),
+    lora_targets: Iterable[str] = lora.DEFAULT_TARGETS,
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
 ) -> MemoryBreakdown:
@@ -394,42 +531,36 @@ def estimate_memory(
     - ``activation_checkpointing``: each block keeps only its input, and recomputes
       one block at a time during the backward pass (Chen et al. 2016), so the
       activations are ``n_layer`` residual streams plus the largest block.
-    - ``finetune``: see ``trainable_parameters``; frozen weights need no gradients or
-      state, and the inputs of frozen linear layers need not be saved.
+    - ``finetune``: ``full``, ``lora`` (``lora_r``, ``lora_targets``: ``lab.lora``'s
+      names and default), ``adapter`` or ``adapter_v2`` (``adapter_prompt_length``,
+      ``adapter_start_layer``), ``none``; counted as ``lab.lora``/``lab.adapter``/
+      ``lab.adapter_v2`` build them (see ``FineTuning``). Frozen weights need no
+      gradients or state, and frozen layers keep less (see ``layer_activations``).
 
     Logits: the ``(B, T, V)`` logits in the compute dtype, and the log-softmax that
     cross-entropy saves (fp32 under autocast); the final norm and the head's input count as
     activations. Approximations: temporaries of the backward pass (a layer's
-    gradients in flight) are not counted; with LoRA/adapters, layers before the first
-    trainable module save less than counted here.
+    gradients in flight) are not counted; under autocast, AdapterV2's fp32 outputs
+    and the weight copies of frozen layers are counted roughly.
     """
     _choice("precision", precision, PRECISIONS)
     _choice("optimizer", optimizer, OPTIMIZERS)
-    _choice("finetune", finetune, FINETUNE)
+    method = FineTuning(finetune, lora_r, lora_targets, adapter_prompt_length, adapter_start_layer)
     seq_len = seq_len or config.block_size
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} ({value!r}) must be a positive integer")
     param_bytes, compute_bytes = PRECISIONS[precision]
-    n_params = parameter_count(config)
-    trainable = trainable_parameters(
-        config, finetune, lora_r, lora_targets, adapter_prompt_length, adapter_start_layer
-    )
+    trainable, added = method.counts(config)
     N, V = batch_size * seq_len, config.padded_vocab_size
     mixed = precision.endswith("mixed")
-    adapters = trainable if finetune in ("lora", "adapter") else 0  # added to the model
     result = dict(
-        parameters=(n_params + adapters) * param_bytes,
-        weight_copies=_matmul_weights(config) * 2 if mixed else 0,
+        parameters=(parameter_count(config) + added) * param_bytes,
+        weight_copies=_matmul_weights(config, method) * 2 if mixed else 0,
         trainable_parameters=trainable,
     )
     per_layer = [
-        sum(
-            layer_activations(
-                config, i, batch_size, seq_len, precision, fused_attention,
-                "all" if finetune == "full" else set(lora_targets) if finetune == "lora" else set(),
-            ).values()
-        )
+        sum(layer_activations(config, i, batch_size, seq_len, precision, fused_attention, method).values())
         for i in range(config.n_layer)
     ]  # fmt: skip
     if finetune == "none":
@@ -441,14 +572,16 @@ def estimate_memory(
             activations_per_layer=(), logits=N * V * compute_bytes, kv_cache=kv * param_bytes,
             notes="inference: activations are the working set of one layer",
         )  # fmt: skip
-    if finetune == "adapter":
-        per_layer = [0 if i < adapter_start_layer else a for i, a in enumerate(per_layer)]
     recompute = 0
     if activation_checkpointing:
         recompute = max(per_layer)
         per_layer = [N * config.n_embd * param_bytes if a else 0 for a in per_layer]
-    head = _norm_activation(config, N, param_bytes, finetune == "full")
-    head += N * config.n_embd * compute_bytes  # the head's input
+    C, r, trains = config.n_embd, method.lora_r, finetune in ("full", "adapter_v2")
+    head = _norm_saved(config, N, C, param_bytes, method.input_grad(config.n_layer), trains)
+    lora_head = finetune == "lora" and "head" in method.lora_targets
+    head += N * C * compute_bytes if finetune == "full" or lora_head else 0  # its input
+    head += N * r * compute_bytes if lora_head else 0  # x A^T
+    head += N * V * param_bytes if finetune == "adapter_v2" else 0  # kept for its scale
     if config.final_logit_softcapping is not None:
         head += N * V * compute_bytes  # tanh keeps its output
     states, state_bytes = OPTIMIZERS[optimizer]
@@ -463,13 +596,6 @@ def estimate_memory(
         activations_per_layer=tuple(per_layer),
         logits=N * V * (compute_bytes + (4 if mixed else compute_bytes)),
     )
-
-
-def _norm_activation(config: Config, N: int, residual_bytes: int, trains: bool) -> int:
-    """The final norm's saved bytes (see ``layer_activations``)."""
-    if config.norm_class_name == "LayerNorm":
-        return N * config.n_embd * residual_bytes + 8 * N
-    return N * config.n_embd * 4 * (1 + trains) + 4 * N
 
 
 # --- measurement ----------------------------------------------------------------------------
@@ -489,7 +615,8 @@ class _SavedTensors:
     ``torch.autograd.graph.saved_tensors_hooks``). Parameters and the inputs are not
     activations; 16-bit copies of weights that autocast makes go to ``weight_copies``."""
 
-    def __init__(self, model: nn.Module, excluded: Iterable[torch.Tensor]) -> None:
+    def __init__(self, model: nn.Module, excluded: Iterable[torch.Tensor], autocast: bool) -> None:
+        self.autocast = autocast  # asked up front: autocast's own kernels turn it off inside
         self.excluded = {t.untyped_storage().data_ptr() for t in excluded}
         self.param_shapes = {tuple(p.shape) for p in model.parameters()}
         self.buckets: dict[str, dict[int, int]] = {}
@@ -513,7 +640,7 @@ class _SavedTensors:
         # a frozen weight's autocast copy: 16-bit, no history, a parameter's shape
         return (
             node is None
-            and torch.is_autocast_enabled(t.device.type)
+            and self.autocast
             and t.dtype in (torch.bfloat16, torch.float16)
             and tuple(t.shape) in self.param_shapes
         )
@@ -599,7 +726,7 @@ def measure_memory(
         if precision.endswith("mixed")
         else nullcontext()
     )
-    saved = _SavedTensors(model, [*params, x, y])
+    saved = _SavedTensors(model, [*params, x, y], precision.endswith("mixed"))
     blocks = list(getattr(getattr(model, "transformer", None), "h", []))
     handles = [b.register_forward_pre_hook(saved.enter(f"layer{i}")) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(saved.enter("other")) for b in blocks]

@@ -337,8 +337,11 @@ def test_custom_positional_encoding_registered_as_a_scheme():
 
 
 # --- Step 4: register a configuration ---------------------------------------------------
-def test_register_config_then_build_by_name():
+def test_register_config_then_build_by_name(monkeypatch):
+    from lab import configs
     from lab.configs import register_config
+
+    monkeypatch.setattr(configs, "configs", dict(configs.configs))  # keep other tests' view
 
     register_config(
         # My custom model

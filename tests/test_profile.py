@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 import lab.moe  # noqa: F401  (registers mlp_class_name="MoE")
+from lab.adapter import apply_adapter, mark_only_adapter_as_trainable
+from lab.adapter_v2 import apply_adapter_v2
 from lab.config import Config
 from lab.configs import configs
+from lab.lora import apply_lora, mark_only_lora_as_trainable
 from lab.model import GPT
 from lab.profile import (
     GPU_PEAK_FLOPS,
@@ -22,6 +25,7 @@ from lab.profile import (
     measure_memory,
     mfu,
     parameter_count,
+    trainable_parameters,
 )
 
 SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=96, block_size=64, intermediate_size=128)
@@ -82,34 +86,79 @@ def test_estimate_matches_cpu_measurement_in_16_bit(precision: str) -> None:
         assert measured.weight_copies > 0.9 * measured.parameters / 2
 
 
-class LoRALinear(nn.Module):
-    """A hand-built LoRA layer (Hu et al. 2021): frozen base plus ``x A^T B^T``."""
+FINE_TUNING = {
+    "lora": lambda model, targets, start: apply_lora(model, r=4, targets=targets),
+    "adapter": lambda model, targets, start: apply_adapter(model, 3, start),
+    "adapter_v2": lambda model, targets, start: apply_adapter_v2(model, 3, start),
+}
+CASES = [
+    ("gqa_gated", "lora", ("query", "value"), 2),
+    ("gqa_gated", "lora", ("query", "key", "value", "projection", "mlp", "head"), 2),
+    ("mqa_qk_norm_parallel", "lora", ("key", "mlp"), 2),
+    ("gemma2_like", "lora", ("projection", "head"), 2),
+    ("gpt2_like", "lora", ("value",), 2),
+    ("gqa_gated", "adapter", (), 1),
+    ("gpt2_like", "adapter", (), 0),
+    ("gemma2_like", "adapter", (), 1),
+    ("gqa_gated", "adapter_v2", (), 1),
+    ("mqa_qk_norm_parallel", "adapter_v2", (), 0),
+]  # fmt: skip
 
-    def __init__(self, base: nn.Linear, r: int) -> None:
-        super().__init__()
-        self.base = base
-        self.A = nn.Parameter(torch.randn(r, base.in_features) * 0.01)
-        self.B = nn.Parameter(torch.zeros(base.out_features, r))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.A.T) @ self.B.T
-
-
-def test_lora_estimate_matches_a_hand_built_lora_model() -> None:
+def fine_tuned(name: str, method: str, targets: tuple, start: int) -> tuple[Config, nn.Module]:
+    """A real lab.lora / lab.adapter / lab.adapter_v2 model, frozen as for training."""
     torch.manual_seed(0)
-    config = Config(**ARCHITECTURES["gqa_gated"])
-    model = GPT(config).requires_grad_(False)
-    for block in model.transformer.h:
-        block.attn.attn = LoRALinear(block.attn.attn, r=4)
-        block.mlp.fc_2 = LoRALinear(block.mlp.fc_2, r=4)
+    config = Config(**ARCHITECTURES[name])
+    model = FINE_TUNING[method](GPT(config), targets, start)
+    if method == "lora":
+        mark_only_lora_as_trainable(model)
+    else:
+        mark_only_adapter_as_trainable(model)
+    return config, model
+
+
+@pytest.mark.parametrize(("name", "method", "targets", "start"), CASES)
+def test_fine_tuning_estimate_matches_the_real_modules(name, method, targets, start) -> None:
+    config, model = fine_tuned(name, method, targets, start)
+    options = dict(finetune=method, lora_r=4, adapter_prompt_length=3, adapter_start_layer=start)
+    if targets:
+        options["lora_targets"] = targets
+    requires_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable_parameters(config, **options) == requires_grad
     measured = measure_memory(model, batch(config))
-    estimate = estimate_memory(
-        config, B, T, finetune="lora", lora_r=4, lora_targets=("attn", "fc_2")
-    )
-    assert estimate.trainable_parameters == measured.trainable_parameters
-    assert_close(estimate, measured)
+    estimate = estimate_memory(config, B, T, **options)
+    assert estimate.trainable_parameters == measured.trainable_parameters == requires_grad
+    assert estimate.parameters == measured.parameters
+    assert_close(estimate, measured, rel=0.05)
+    assert estimate.activations_per_layer == pytest.approx(measured.activations_per_layer, rel=0.05)
     full = estimate_memory(config, B, T)
-    assert estimate.optimizer_state < full.optimizer_state / 20
+    assert estimate.optimizer_state < full.optimizer_state / 5
+
+
+def test_blocks_before_the_first_trainable_one_save_nothing() -> None:
+    _, model = fine_tuned("gqa_gated", "adapter", (), 1)
+    config = model.config
+    measured = measure_memory(model, batch(config)).activations_per_layer
+    estimate = estimate_memory(config, B, T, finetune="adapter", adapter_prompt_length=3,
+                               adapter_start_layer=1).activations_per_layer  # fmt: skip
+    assert measured[0] == estimate[0] == 0 and measured[1] > 0
+
+
+def test_fine_tuning_estimate_in_mixed_precision() -> None:
+    config, model = fine_tuned("gqa_gated", "lora", ("query", "value"), 2)
+    measured = measure_memory(model, batch(config), precision="bf16-mixed")
+    estimate = estimate_memory(config, B, T, precision="bf16-mixed", finetune="lora", lora_r=4)
+    assert measured.weight_copies > 0  # autocast's copies of frozen weights are found
+    assert_close(estimate, measured, rel=0.05)
+
+
+def test_lora_counts_one_pair_per_enabled_qkv_part() -> None:
+    """Llama-3-8B (C 4096, 32 query heads, 8 key/value heads of 128): per layer, query
+    r (C + 4096), value r (C + 1024); all three parts r (3 C + 4096 + 2 x 1024)."""
+    llama, r = Config.from_name("Llama-3-8B"), 8
+    assert trainable_parameters(llama, "lora") == 32 * r * (4096 + 4096 + 4096 + 1024)
+    qkv = trainable_parameters(llama, "lora", lora_targets=("query", "key", "value"))
+    assert qkv == 32 * r * (3 * 4096 + 4096 + 2 * 1024)
 
 
 def test_parameter_count_matches_published_counts() -> None:
@@ -169,8 +218,13 @@ def test_bad_arguments_name_the_argument() -> None:
         estimate_memory(config, 1, 8, finetune="qlora")
     with pytest.raises(ValueError, match="batch_size"):
         estimate_memory(config, 0, 8)
-    with pytest.raises(ValueError, match="lora_targets"):
-        estimate_memory(config, 1, 8, finetune="lora", lora_targets=("wte",))
+    for targets in (("wte",), ("attn",), ()):  # lab.lora's names only (query, key, ...)
+        with pytest.raises(ValueError, match=r"lora_targets.*'query', 'key', 'value'"):
+            estimate_memory(config, 1, 8, finetune="lora", lora_targets=targets)
+    with pytest.raises(ValueError, match="drop 'mlp'"):
+        estimate_memory(Config(**ARCHITECTURES["moe"]), 1, 8, finetune="lora", lora_targets="mlp")
+    with pytest.raises(ValueError, match="adapter_start_layer"):
+        estimate_memory(config, 1, 8, finetune="adapter", adapter_start_layer=2)
     with pytest.raises(ValueError, match=r"model.to\(torch.bfloat16\)"):
         measure_memory(GPT(config), batch(config), precision="bf16-true")
 
