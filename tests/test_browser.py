@@ -1,14 +1,20 @@
 """The widgets in a real browser: JupyterLab on 127.0.0.1 (with a token) and headless
 Chromium driven by Playwright run ``tests/browser_widgets.ipynb``, then check that the
-Composer and AttentionView render and that clicking "build" reaches the kernel.
+Composer, AttentionView and MemoryView render, that a device chosen and a batch size
+typed in the page re-estimate the memory in the kernel, and that clicking "build"
+reaches the kernel and hands the built config to the MemoryView.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and ``pip install
 playwright`` (never ``playwright install``: the system browser is used). Without them
-the test skips, except under ``CI=true``, where it fails. A screenshot is written to
-``artifacts/browser_widgets.png``.
+the test skips, except under ``CI=true``, where it fails. Screenshots are written to
+``artifacts/browser_widgets.png`` (the whole page at the end) and
+``artifacts/browser_memory_view.png`` (the MemoryView after the edits).
 """
 
+from __future__ import annotations
+
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -17,8 +23,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # playwright is optional: the test skips without it
+    from playwright.sync_api import Locator, Page
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = Path(__file__).with_name("browser_widgets.ipynb")
@@ -73,6 +83,9 @@ def jupyter_lab(tmp_path):
     ]  # fmt: skip
     if os.geteuid() == 0:  # containers often run as root
         command.append("--allow-root")
+    settings = tmp_path / "config/lab/user-settings/@jupyterlab/apputils-extension"
+    settings.mkdir(parents=True)  # no "fetch news?" toast over the screenshots
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -121,7 +134,12 @@ def test_widgets_render_and_respond_in_chromium(playwright_api, jupyter_lab):
                 " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
                 " === 'idle'"
             )
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            # stored outputs (kept for nbval) would show stale widgets: run from blank cells
+            page.evaluate(
+                "async () => { await window.jupyterapp.commands.execute("
+                "'notebook:clear-all-cell-outputs');"
+                " await window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
+            )
             build = page.locator(".jupyter-widgets button", has_text="build")
             build.wait_for(state="visible")
             assert page.locator(".jupyter-widgets select").count() >= 5  # composer dropdowns
@@ -130,9 +148,66 @@ def test_widgets_render_and_respond_in_chromium(playwright_api, jupyter_lab):
             )
             page.get_by_text("Total params").first.wait_for(state="attached")
             page.get_by_text("build 1: GPT").wait_for()  # the second cell built once
+            check_memory_view(page, artifacts / "browser_memory_view.png")
             build.click()  # the click must reach the kernel and come back
             page.get_by_text("build 2: GPT").wait_for()
             page.get_by_text("parameters", exact=True).first.wait_for()
+            # on_build handed the composer's config to the MemoryView (a tiny model)
+            verdict(page, "fits on T4 16 GB").wait_for()
+            assert control(page, "model", "select").input_value() == "(given config)"
+            assert control(page, "sequence length", "input").input_value() == "64"  # block_size
         finally:
             page.screenshot(path=str(artifacts / "browser_widgets.png"), full_page=True)
             browser.close()
+
+
+def control(page: Page, label: str, tag: str) -> Locator:
+    """The <select>/<input> of the ipywidgets control whose description is ``label``."""
+    row = page.locator(".jupyter-widgets.widget-inline-hbox").filter(
+        has=page.locator("label.widget-label", has_text=re.compile(f"^{re.escape(label)}$"))
+    )
+    return row.locator(tag)
+
+
+def verdict(page: Page, text: str) -> Locator:
+    """The MemoryView's verdict line ("fits on ..." or "does not fit on ...")."""
+    return page.locator(".widget-html-content", has_text=text)
+
+
+def memory_total(page: Page) -> float:
+    """The estimated total in GiB, read off the verdict ("22.03 GiB of 15.00 GiB")."""
+    text = page.locator(".widget-html-content", has_text=re.compile(r"fits? on ")).inner_text()
+    return float(re.search(r": ([0-9.]+) GiB of", text).group(1))
+
+
+def check_memory_view(page: Page, screenshot: Path) -> None:
+    """MemoryView renders its controls, verdict and breakdown, and re-estimates and
+    redraws in the kernel when the device is chosen and the batch size typed in the page."""
+    verdict(page, "fits on A100 80 GB").wait_for()  # Llama-3.2-1B, batch 1, T=512
+    image = page.locator(".widget-hbox", has_text="trainable parameters").locator("img")
+    assert control(page, "precision", "select").input_value() == "bf16-mixed"
+    drawn = image.get_attribute("src")
+    control(page, "device", "select").select_option("T4 16 GB")
+    verdict(page, "does not fit on T4 16 GB").wait_for()  # weights + AdamW alone exceed 15 GiB
+    drawn = redrawn(page, image, drawn)
+    before = memory_total(page)
+    batch = control(page, "batch size", "input")
+    batch.fill("8")
+    batch.press("Enter")  # IntText sends its value on Enter or blur
+    page.wait_for_function(
+        "([old]) => [...document.querySelectorAll('.widget-html-content')].some("
+        "e => /does not fit on T4 16 GB/.test(e.innerText) && !e.innerText.includes(old))",
+        arg=[f": {before:.2f} GiB of"],
+    )
+    after = memory_total(page)
+    assert after > before  # more activations for 8 sequences than for 1
+    redrawn(page, image, drawn)
+    total_row = page.locator("tr", has_text="total")
+    total_row.locator("td", has_text=f"{after:.2f} GiB").wait_for()  # the table: sent last
+    page.locator(".jupyter-widgets.widget-vbox", has=image).last.screenshot(path=str(screenshot))
+
+
+def redrawn(page: Page, image: Locator, old_src: str) -> str:
+    """Wait until the kernel sends a new figure to ``image``; its new src."""
+    page.wait_for_function("([img, old]) => img.src !== old", arg=[image.element_handle(), old_src])
+    return image.get_attribute("src")
