@@ -1,14 +1,16 @@
 """The widgets in a real browser: JupyterLab on 127.0.0.1 (with a token) and headless
-Chromium driven by Playwright run ``tests/browser_widgets.ipynb``, then check that the
-Composer, AttentionView and MemoryView render, that a device chosen and a batch size
-typed in the page re-estimate the memory in the kernel, and that clicking "build"
-reaches the kernel and hands the built config to the MemoryView.
+Chromium driven by Playwright run ``tests/browser_widgets.ipynb``, then check that every
+widget renders and responds to the page: a device chosen and a batch size typed
+re-estimate the MemoryView in the kernel; clicking "build" reaches the kernel and hands
+the built config to the MemoryView; a layer picked and a text typed redraw the
+RoutingView; the TrainingView shows the notebook's finished run (curves, step count,
+its stop button turned "finished").
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and ``pip install
 playwright`` (never ``playwright install``: the system browser is used). Without them
 the test skips, except under ``CI=true``, where it fails. Screenshots are written to
-``artifacts/browser_widgets.png`` (the whole page at the end) and
-``artifacts/browser_memory_view.png`` (the MemoryView after the edits).
+``artifacts/browser_widgets.png`` (the whole page at the end) and one per view after its
+interactions: ``artifacts/browser_{memory,routing,training}_view.png``.
 """
 
 from __future__ import annotations
@@ -156,14 +158,21 @@ def test_widgets_render_and_respond_in_chromium(playwright_api, jupyter_lab):
             verdict(page, "fits on T4 16 GB").wait_for()
             assert control(page, "model", "select").input_value() == "(given config)"
             assert control(page, "sequence length", "input").input_value() == "64"  # block_size
+            # the kernel runs a comm's handler in a thread of its own while a cell executes:
+            # let the last cell finish before driving more views
+            output_of(page, 4).get_by_text("step 5/5").wait_for()
+            check_routing_view(page, artifacts / "browser_routing_view.png")
+            check_training_view(page, artifacts / "browser_training_view.png")
         finally:
             page.screenshot(path=str(artifacts / "browser_widgets.png"), full_page=True)
             browser.close()
 
 
-def control(page: Page, label: str, tag: str) -> Locator:
-    """The <select>/<input> of the ipywidgets control whose description is ``label``."""
-    row = page.locator(".jupyter-widgets.widget-inline-hbox").filter(
+def control(scope: Page | Locator, label: str, tag: str) -> Locator:
+    """The <select>/<input> of the ipywidgets control in ``scope`` whose description is
+    ``label``."""
+    page = getattr(scope, "page", scope)  # a Locator's page; a Page is its own
+    row = scope.locator(".jupyter-widgets.widget-inline-hbox").filter(
         has=page.locator("label.widget-label", has_text=re.compile(f"^{re.escape(label)}$"))
     )
     return row.locator(tag)
@@ -211,3 +220,37 @@ def redrawn(page: Page, image: Locator, old_src: str) -> str:
     """Wait until the kernel sends a new figure to ``image``; its new src."""
     page.wait_for_function("([img, old]) => img.src !== old", arg=[image.element_handle(), old_src])
     return image.get_attribute("src")
+
+
+def output_of(page: Page, index: int) -> Locator:
+    """The output area of the notebook's code cell number ``index`` (from 0)."""
+    return page.locator(".jp-CodeCell").nth(index).locator(".jp-OutputArea")
+
+
+def check_routing_view(page: Page, screenshot: Path) -> None:
+    """RoutingView draws its three figures, and redraws in the kernel when a layer is
+    picked and when a new text is typed."""
+    view = output_of(page, 3)
+    routing = view.locator("img").first
+    view.locator("img[src^='blob:']").nth(2).wait_for()  # routing, load, load over time
+    layer = control(view, "layer", "select")
+    assert layer.locator("option").all_inner_texts() == ["blocks.0", "blocks.1"]
+    drawn = routing.get_attribute("src")
+    layer.select_option(label="blocks.1")
+    drawn = redrawn(page, routing, drawn)
+    text = control(view, "text", "input")
+    text.fill("a different text")  # one input event: one refresh
+    redrawn(page, routing, drawn)
+    view.screenshot(path=str(screenshot))
+
+
+def check_training_view(page: Page, screenshot: Path) -> None:
+    """TrainingView shows the notebook's finished 5-step run: curves, the step count in
+    its status, and a "stop" button that the end of the run turned into "finished"."""
+    view = output_of(page, 4)
+    view.locator("img[src^='blob:']").wait_for()
+    status = view.locator(".widget-html-content", has_text="step 5/5").inner_text()
+    assert re.search(r"loss \d+\.\d{4}", status)
+    button = view.locator("button")
+    assert button.inner_text().strip() == "finished" and button.is_disabled()
+    view.screenshot(path=str(screenshot))

@@ -14,10 +14,12 @@ the last step and a stop always redraw, so the final picture is complete.
 
 "stop" makes ``fit`` end cleanly after the current step (``TrainState.should_stop``:
 the step's evaluation and final checkpoint still happen, and the returned History says
-``stopped == "stopped"``). The click reaches Python while the cell is still running
-only if the front end delivers widget messages during execution, as JupyterLab >= 4.4
-with ipykernel >= 7 does by default (comms over kernel subshells). Elsewhere interrupt
-the kernel instead: ``fit`` handles KeyboardInterrupt cleanly too.
+``stopped == "stopped"``). A click reaches Python only when the kernel handles the
+widget's message, and a kernel busy running the ``fit`` cell handles it after the cell
+(checked in JupyterLab 4.6 with ipykernel 7.4, in the browser test): the button stops a
+run that a callback or another thread drives, and ``view.stop()`` works from code. To
+stop a ``fit`` running in the current cell, interrupt the kernel (the stop square in
+the toolbar): ``fit`` handles KeyboardInterrupt cleanly and returns its history.
 """
 
 from __future__ import annotations
