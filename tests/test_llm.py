@@ -1,15 +1,13 @@
 """lab.LLM: text in, text out; stop strings, streaming, the guide's Step 5, save/load."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_guide import CustomGPT, MyModelConfig
 
 from lab import GPT, LLM, Config
 from lab.generate import supports_kv_cache
-from lab.model import Block, CausalSelfAttention
 from lab.tokenizer import ByteTokenizer, Tokenizer
 
 
@@ -96,93 +94,7 @@ def test_seeded_text_repeats_with_a_trained_tokenizer():
     )
 
 
-# --- the guide's custom model (seed/custom-models.md), with lab imports -----------------------
-
-
-@dataclass
-class MyModelConfig(Config):
-    """Configuration for my custom model."""
-
-    name: str = "my-model-7b"
-    block_size: int = 4096
-    vocab_size: int = 32000
-    n_layer: int = 32
-    n_head: int = 32
-    n_embd: int = 4096
-    custom_param: float = 0.1
-    use_custom_attention: bool = True
-    rope_base: int = 10000
-    intermediate_size: int = 11008
-
-
-class CustomAttention(CausalSelfAttention):
-    def __init__(self, config):
-        super().__init__(config)
-        self.custom_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.custom_param = config.custom_param
-
-    def forward(self, x, mask=None, input_pos=None):
-        B, T, C = x.size()
-        # The guide's `q = k = v = self.attn(x)` fixed: split the fused projection.
-        q, k, v = self.attn(x).split(self.qkv_sizes, dim=-1)
-        q = q + self.custom_proj(x) * self.custom_param
-        q = q.view(B, T, self.n_head, self.head_size)
-        k = k.view(B, T, self.n_query_groups, self.head_size)
-        v = v.view(B, T, self.n_query_groups, self.head_size)
-        y = self.scaled_dot_product_attention(q, k, v, mask=mask)
-        y = y.reshape(B, T, C)
-        return self.proj(y)
-
-
-class CustomBlock(Block):
-    def __init__(self, config):
-        super().__init__(config)
-        self.attn = CustomAttention(config)
-        self.custom_norm = nn.LayerNorm(config.n_embd)
-
-    def forward(self, x, input_pos=None, mask=None):
-        h = self.norm_1(x)
-        h = self.attn(h, mask=mask, input_pos=input_pos)
-        x = x + h
-        x = x + self.custom_norm(x)
-        x = x + self.mlp(self.norm_2(x))
-        return x
-
-
-class CustomGPT(GPT):
-    def __init__(self, config: MyModelConfig):
-        nn.Module.__init__(self)
-        self.config = config
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList(CustomBlock(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
-        if config.use_custom_attention:
-            self.custom_embedding = nn.Linear(config.n_embd, config.n_embd)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx, input_pos=None):
-        B, T = idx.size()  # noqa: RUF059 (as in the guide)
-        x = self.transformer.wte(idx)
-        if self.config.use_custom_attention:
-            x = x + self.custom_embedding(x)
-        for block in self.transformer.h:
-            x = block(x, input_pos=input_pos)
-        x = self.transformer.ln_f(x)
-        return self.lm_head(x)
-
+# --- the guide's custom model, as tests/test_guide.py writes it -------------------------------
 
 SMALL = dict(n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128,
              vocab_size=320, block_size=256)  # fmt: skip
