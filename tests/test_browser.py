@@ -4,13 +4,14 @@ widget renders and responds to the page: a device chosen and a batch size typed
 re-estimate the MemoryView in the kernel; clicking "build" reaches the kernel and hands
 the built config to the MemoryView; a layer picked and a text typed redraw the
 RoutingView; the TrainingView shows the notebook's finished run (curves, step count,
-its stop button turned "finished").
+its stop button turned "finished"); a run started in the background with
+``TrainingView.fit`` stops early when its "stop" button is clicked in the page.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and ``pip install
 playwright`` (never ``playwright install``: the system browser is used). Without them
 the test skips, except under ``CI=true``, where it fails. Screenshots are written to
 ``artifacts/browser_widgets.png`` (the whole page at the end) and one per view after its
-interactions: ``artifacts/browser_{memory,routing,training}_view.png``.
+interactions: ``artifacts/browser_{memory,routing,training,background}_view.png``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def jupyter_lab(tmp_path):
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+        "LAB_BROWSER_TEST": "1",  # the notebook leaves its background run to the page
     }
     command = [
         sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
@@ -136,11 +138,14 @@ def test_widgets_render_and_respond_in_chromium(playwright_api, jupyter_lab):
                 " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
                 " === 'idle'"
             )
-            # stored outputs (kept for nbval) would show stale widgets: run from blank cells
+            # stored outputs (kept for nbval) would show stale widgets: run from blank cells,
+            # all but the last, whose background training would slow the other checks
             page.evaluate(
                 "async () => { await window.jupyterapp.commands.execute("
                 "'notebook:clear-all-cell-outputs');"
-                " await window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
+                " const notebook = window.jupyterapp.shell.currentWidget.content;"
+                " notebook.activeCellIndex = notebook.widgets.length - 1;"
+                " await window.jupyterapp.commands.execute('notebook:run-all-above'); }"
             )
             build = page.locator(".jupyter-widgets button", has_text="build")
             build.wait_for(state="visible")
@@ -163,6 +168,12 @@ def test_widgets_render_and_respond_in_chromium(playwright_api, jupyter_lab):
             output_of(page, 4).get_by_text("step 5/5").wait_for()
             check_routing_view(page, artifacts / "browser_routing_view.png")
             check_training_view(page, artifacts / "browser_training_view.png")
+            page.evaluate(
+                "async () => { const notebook = window.jupyterapp.shell.currentWidget.content;"
+                " notebook.activeCellIndex = notebook.widgets.length - 1;"
+                " await window.jupyterapp.commands.execute('notebook:run-cell'); }"
+            )
+            check_background_stop(page, artifacts / "browser_background_view.png")
         finally:
             page.screenshot(path=str(artifacts / "browser_widgets.png"), full_page=True)
             browser.close()
@@ -185,8 +196,10 @@ def verdict(page: Page, text: str) -> Locator:
 
 def memory_total(page: Page) -> float:
     """The estimated total in GiB, read off the verdict ("22.03 GiB of 15.00 GiB")."""
-    text = page.locator(".widget-html-content", has_text=re.compile(r"fits? on ")).inner_text()
-    return float(re.search(r": ([0-9.]+) GiB of", text).group(1))
+    text = page.locator(".widget-html-content", has_text=re.compile(r"fits? on ")).text_content()
+    match = re.search(r": ([0-9.]+) GiB of", text)
+    assert match, f"no total in the verdict {text!r}"
+    return float(match.group(1))
 
 
 def check_memory_view(page: Page, screenshot: Path) -> None:
@@ -253,4 +266,26 @@ def check_training_view(page: Page, screenshot: Path) -> None:
     assert re.search(r"loss \d+\.\d{4}", status)
     button = view.locator("button")
     assert button.inner_text().strip() == "finished" and button.is_disabled()
+    view.screenshot(path=str(screenshot))
+
+
+def check_background_stop(page: Page, screenshot: Path) -> None:
+    """The last cell trains 20,000 steps in a background thread, so the kernel is idle
+    and handles the click: "stop" ends the run after its current step, long before the
+    end, and the status says where it stopped."""
+    view = output_of(page, 5)
+    status = view.locator(".widget-html-content")
+    # past step 9: under nbval the cell clicks at step 5 itself, so a run stopped later
+    # was stopped by the page
+    status.filter(has_text=re.compile(r"step \d{2,}/20000")).wait_for()
+    button = view.locator("button", has_text="stop")
+    assert button.is_enabled()
+    button.click()
+    stopped = status.filter(has_text=re.compile(r"stopped at step \d+"))
+    stopped.wait_for()
+    step = int(re.search(r"stopped at step (\d+)", stopped.text_content()).group(1))
+    assert 10 <= step < 20_000
+    assert re.search(rf"step {step}/20000 · loss \d+\.\d{{4}}", stopped.text_content())
+    button = view.locator("button")
+    assert button.inner_text().strip() == "stopped" and button.is_disabled()
     view.screenshot(path=str(screenshot))

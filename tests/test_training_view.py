@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import math
+import time
 
 import pytest
 import torch
@@ -126,6 +127,59 @@ def test_a_click_during_a_step_stops_after_that_step():
 
     history = run([view, click_later], steps=50)
     assert clicks == ["stopping"] and history.step == [1, 2, 3] and history.stopped == "stopped"
+
+
+def wait_for_step(view: TrainingView, step: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while view.state is None or view.state.step < step:
+        assert view.running and time.monotonic() < deadline, "the background run made no steps"
+        time.sleep(0.005)
+
+
+def test_a_background_run_keeps_the_caller_free_and_the_button_stops_it():
+    view = TrainingView(interval=3600)
+    steps = []
+    view.fit(tiny_gpt(), TASK, steps=100_000, batch_size=8, lr=3e-3, eval_every=1000,
+             eval_steps=1, progress=False, callbacks=[lambda s: steps.append(s.step)])  # fmt: skip
+    wait_for_step(view, 3)  # fit() returned while training goes on in its thread
+    assert view.running and view.result is None
+    with pytest.raises(RuntimeError, match="already training"):
+        view.fit(tiny_gpt(), TASK, steps=5)
+    with pytest.raises(TimeoutError, match="still training"):
+        view.wait(timeout=0)
+    view.stop_button.click()  # what a click in the browser calls, from another thread
+    history = view.wait(timeout=60)
+    n = len(history.step)
+    assert not view.running and view.result is history and view.history is history
+    assert history.stopped == "stopped" and 3 <= n < 100_000 and history.step == steps
+    assert all(math.isfinite(v) for v in history.loss)
+    assert curves(view.figure) == expected(history)  # the end drew
+    assert view.status.value.endswith(f"<b>stopped at step {n}</b>")
+    assert view.stop_button.disabled and view.stop_button.description == "stopped"
+
+    # the view runs again; a stop clicked before the first step ends the run after it
+    view.fit(tiny_gpt(), TASK, steps=100_000, batch_size=8, progress=False)
+    view.stop()
+    again = view.wait(timeout=60)
+    assert again is not history and again.stopped == "stopped" and again.step == [1]
+    # and runs to the end when nobody stops it, like fit itself
+    view.fit(tiny_gpt(), TASK, steps=4, batch_size=8, progress=False, seed=1)
+    finished = view.wait(timeout=60)  # (fit seeds torch's global RNG: one run at a time)
+    assert (
+        finished.loss == fit(tiny_gpt(), TASK, steps=4, batch_size=8, progress=False, seed=1).loss
+    )
+    assert view.status.value.endswith("<b>finished at step 4</b>")
+
+
+def test_a_background_run_error_is_shown_and_raised_by_wait():
+    view = TrainingView()
+    with pytest.raises(RuntimeError, match="no background run"):
+        view.wait()
+    view.fit(tiny_gpt(), TASK, steps=5, precision="fp8")
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        view.wait(timeout=60)
+    assert "training failed: ValueError" in view.status.value and view.result is None
+    assert view.stop_button.disabled and view.stop_button.description == "failed"
 
 
 def test_training_curves_redraws_a_given_figure_in_place():
