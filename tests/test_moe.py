@@ -109,9 +109,10 @@ def test_dispatch_equals_naive_loop(router, n_shared_expert, capacity_factor):
         assert record.dropped.any(), "the capacity must actually drop assignments here"
 
 
-def test_gradients_equal_naive_loop():
+@pytest.mark.parametrize("tokens", [5, 1])  # one token leaves experts idle
+def test_gradients_equal_naive_loop(tokens):
     layer = make_layer(router="topk_softmax", moe_capacity_factor=0.75, n_shared_expert=1)
-    x = torch.randn(2, 5, 8, requires_grad=True)
+    x = torch.randn(2, tokens, 8, requires_grad=True)
     params = [x, layer.router.weight, layer.experts.fc_1, layer.experts.fc_2]
     grads = torch.autograd.grad(layer(x).square().sum(), params)
     expected = torch.autograd.grad(naive_moe(layer, x).square().sum(), params)
