@@ -11,15 +11,6 @@ from lab.generate import _padding_mask, generate, sample, supports_kv_cache, sup
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode far faster on one thread (on a busy CPU, many times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt(**overrides) -> GPT:
     """A small random GPT whose logits are spread wide (a scaled-up head), so greedy
     choices are far from ties and float rounding cannot flip them."""

@@ -11,15 +11,6 @@ from lab.generate import supports_kv_cache
 from lab.tokenizer import ByteTokenizer, Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode far faster on one thread (on a busy CPU, many times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Scripted(nn.Module):
     """Not a GPT: the next id is ``script[last id]``, so every continuation is known."""
 

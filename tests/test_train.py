@@ -26,15 +26,6 @@ from lab.train import (
 TASK = MQAR(num_pairs=4, num_keys=16, num_values=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run fastest on one thread, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     kwargs = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=TASK.vocab_size, block_size=32)

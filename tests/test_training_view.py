@@ -20,14 +20,6 @@ from lab.widgets import TrainingView
 TASK = MQAR(num_pairs=4, num_keys=16, num_values=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
     return GPT(Config(n_layer=1, n_embd=32, n_head=2, vocab_size=TASK.vocab_size, block_size=32))
