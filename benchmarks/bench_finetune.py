@@ -9,9 +9,9 @@ process, interleaved round by round (alternating who goes first) so a neighbour'
 load slows both alike. Prints the median ratio LitGPT time / lab time with its
 range over rounds.
 
-    python benchmarks/bench_finetune.py             # 1 thread, the steadiest
-    python benchmarks/bench_finetune.py --threads 2 --rounds 7
-    python benchmarks/bench_finetune.py --quick     # a smoke run (numbers are noise)
+    python -m benchmarks.bench_finetune             # 1 thread, the steadiest
+    python -m benchmarks.bench_finetune --threads 2 --rounds 7
+    python -m benchmarks.bench_finetune --quick     # a smoke run (numbers are noise)
 
 Settings: LoRA r=8, alpha=16 on query and value (Hu et al.; LitGPT's LoRA has the
 same per-part layout on the fused QKV); adapters with a 10-vector prefix from
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import litgpt.adapter
 import litgpt.adapter_v2
@@ -34,6 +32,7 @@ from litgpt.config import Config as LitConfig
 from litgpt.model import GPT as LitGPT
 from torch import nn
 
+from benchmarks.common import litgpt_state, race, speedup
 from lab import GPT, Config
 from lab.adapter import apply_adapter, mark_only_adapter_as_trainable
 from lab.adapter_v2 import apply_adapter_v2
@@ -81,22 +80,6 @@ def lit_variant(lit_base: LitGPT, lit_config: dict, method: str) -> nn.Module:
     return model
 
 
-def copy_weights(lab_model: GPT, lit_model: LitGPT) -> None:
-    """lab's weights under LitGPT's names: ``attn.attn`` is ``attn.qkv`` (both [Q | K | V]);
-    lab's ``fc_1`` fuses LLaMA's ``[gate | up]`` (LitGPT ``fc_1``, ``fc_2``) and its
-    ``fc_2`` is LitGPT's ``proj``."""
-    state = {}
-    for name, tensor in lab_model.state_dict().items():
-        name = name.replace("attn.attn.", "attn.qkv.")
-        if name.endswith("mlp.fc_1.weight"):
-            state[name], state[name.replace("fc_1", "fc_2")] = tensor.chunk(2)
-        elif name.endswith("mlp.fc_2.weight"):
-            state[name.replace("fc_2", "proj")] = tensor
-        else:
-            state[name] = tensor
-    lit_model.load_state_dict(state, strict=True)
-
-
 def train_step_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
     """A training step closure, and its optimizer (for the state's size)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -123,19 +106,6 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def race(fns: dict[str, Callable[[], None]], repeats: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, per round; the order alternates each round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fns[name]()
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -159,7 +129,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = GPT(Config(**shared, norm_eps=1e-5))
     lit_base = LitGPT(LitConfig(**lit_config))
-    copy_weights(base, lit_base)
+    lit_base.load_state_dict(litgpt_state(base))
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 4096, (2, args.batch, args.seq), generator=generator)
     print(
@@ -180,14 +150,13 @@ def main() -> None:
             train_step_fn(theirs, (x, y)),
         )
         lab_step(), lit_step()  # warm up, and fill the optimizer state
-        times = race({"lab": lab_step, "litgpt": lit_step}, args.repeats, args.rounds)
-        ratios = sorted(b / a for a, b in zip(times["lab"], times["litgpt"], strict=True))
+        times = race({"lab": lab_step, "litgpt": lit_step}, args.rounds, args.repeats)
         print(
             f"{method:<11}{trainable(ours):>12,}{trainable(theirs):>12,}"
             f"{state_bytes(lab_opt) / 2**20:>10.2f}MiB{state_bytes(lit_opt) / 2**20:>8.2f}MiB"
             f"{statistics.median(times['lab']) * 1e3:>9.1f}ms"
             f"{statistics.median(times['litgpt']) * 1e3:>11.1f}ms"
-            f"  {statistics.median(ratios):.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
+            f"  {speedup(times)}"
         )
 
 

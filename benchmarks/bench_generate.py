@@ -10,8 +10,8 @@ warm-up; each round gives a ratio of throughputs (lab / other), and the median a
 range over rounds are printed, with the thread count. Greedy tokens are compared
 too, to show all three computed the same thing.
 
-    python benchmarks/bench_generate.py --quick      # check it runs (seconds)
-    python benchmarks/bench_generate.py              # the measurement (about a minute)
+    python -m benchmarks.bench_generate --quick      # check it runs (seconds)
+    python -m benchmarks.bench_generate              # the measurement (about a minute)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import transformers
 from litgpt.generate.base import batched_generate_fn
 from litgpt.generate.base import generate as litgpt_generate
 
+from benchmarks.common import litgpt_state
 from lab import GPT, Config
 from lab.checkpoint import save_pretrained
 from lab.generate import generate
@@ -55,18 +56,7 @@ def to_litgpt(model: GPT) -> litgpt.GPT:
         mlp_class_name="LLaMAMLP",
     )  # fmt: skip
     other = litgpt.GPT(config)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        name = name.replace(".attn.attn.", ".attn.qkv.")
-        if name.endswith("mlp.fc_1.weight"):
-            gate, up = tensor.chunk(2, dim=0)
-            state[name] = gate
-            state[name.replace("fc_1", "fc_2")] = up
-        elif name.endswith("mlp.fc_2.weight"):
-            state[name.replace("fc_2", "proj")] = tensor
-        else:
-            state[name] = tensor
-    other.load_state_dict(state, strict=True)
+    other.load_state_dict(litgpt_state(model))
     return other.eval()
 
 

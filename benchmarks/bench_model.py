@@ -7,9 +7,9 @@ round by round so that a neighbour's load slows both alike. Prints tokens/s of e
 the median ratio lab/LitGPT with its range over rounds, and model FLOP utilisation
 against this machine's measured fp32 matmul peak.
 
-    python benchmarks/bench_model.py             # 1 thread, the steadiest
-    python benchmarks/bench_model.py --threads 2 --rounds 7
-    python benchmarks/bench_model.py --quick     # a smoke run
+    python -m benchmarks.bench_model             # 1 thread, the steadiest
+    python -m benchmarks.bench_model --threads 2 --rounds 7
+    python -m benchmarks.bench_model --quick     # a smoke run
 
 Needs the bench extra: pip install -e ".[bench]".
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from litgpt.config import Config as LitConfig
 from litgpt.model import GPT as LitGPT
 
+from benchmarks.common import litgpt_state, race, speedup
 from lab import GPT, Config
 from lab.profile import flops_per_token, measure_cpu_peak_flops
 
@@ -44,21 +44,6 @@ ARCHITECTURES = {
              mlp_class_name="LLaMAMLP", padded_vocab_size=4096),
     ),
 }  # fmt: skip
-
-
-def copy_weights(lab_model: GPT, lit_model: LitGPT) -> None:
-    """Load lab's weights into LitGPT's names (both fuse QKV as [Q | K | V])."""
-    gated = lab_model.config.mlp_class_name == "GatedMLP"
-    state = {}
-    for name, tensor in lab_model.state_dict().items():
-        name = name.replace("attn.attn.", "attn.qkv.")
-        if gated and name.endswith("mlp.fc_1.weight"):  # lab fuses [gate | up]
-            state[name], state[name.replace("fc_1", "fc_2")] = tensor.chunk(2)
-        elif gated and name.endswith("mlp.fc_2.weight"):
-            state[name.replace("fc_2", "proj")] = tensor
-        else:  # GptNeoxMLP calls fc_1/fc_2 "fc"/"proj"
-            state[name.replace("mlp.fc_1.", "mlp.fc.").replace("mlp.fc_2.", "mlp.proj.")] = tensor
-    lit_model.load_state_dict(state, strict=True)
 
 
 def train_step_fn(model, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
@@ -98,30 +83,13 @@ def decode_fn(model, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None
     return decode
 
 
-def race(fns: dict[str, Callable[[], None]], repeats: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, per round; the order alternates each round."""
-    for fn in fns.values():
-        fn()  # warm up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fns[name]()
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
-
-
 def report(task: str, tokens: int, times: dict[str, list[float]], flops: float, peak: float):
     lab_t, lit_t = times["lab"], times["litgpt"]
-    ratios = sorted(lit / lab for lab, lit in zip(lab_t, lit_t, strict=True))
     lab_tps, lit_tps = tokens / statistics.median(lab_t), tokens / statistics.median(lit_t)
     mfu = lab_tps * flops / peak if flops else float("nan")
     print(
         f"  {task:<9} lab {lab_tps:>10,.0f} tok/s   litgpt {lit_tps:>10,.0f} tok/s   "
-        f"lab/litgpt {statistics.median(ratios):.2f}x [{ratios[0]:.2f}-{ratios[-1]:.2f}]"
-        + (f"   lab MFU {mfu:.0%}" if flops else "")
+        f"lab/litgpt {speedup(times)}" + (f"   lab MFU {mfu:.0%}" if flops else "")
     )
 
 
@@ -147,7 +115,7 @@ def main() -> None:
         config = Config(**SHARED, **lab_extra)
         lab_model = GPT(config)
         lit_model = LitGPT(LitConfig(**SHARED, **lit_extra))
-        copy_weights(lab_model, lit_model)
+        lit_model.load_state_dict(litgpt_state(lab_model))
         x = torch.randint(0, config.vocab_size, (args.batch, args.seq))
         y = torch.randint(0, config.vocab_size, (args.batch, args.seq))
         with torch.no_grad():
@@ -157,13 +125,13 @@ def main() -> None:
         )
         tokens = args.batch * args.seq
         models = {"lab": lab_model, "litgpt": lit_model}
-        train = race({k: train_step_fn(m, (x, y)) for k, m in models.items()}, 2, args.rounds)
+        train = race({k: train_step_fn(m, (x, y)) for k, m in models.items()}, args.rounds, 2)
         report("train", tokens, train, flops_per_token(config, args.seq, True), peak)
-        forward = race({k: forward_fn(m, x) for k, m in models.items()}, 3, args.rounds)
+        forward = race({k: forward_fn(m, x) for k, m in models.items()}, args.rounds, 3)
         report("forward", tokens, forward, flops_per_token(config, args.seq, False), peak)
         new = 16 if args.quick else 64
         prompt = x[:1, :16]
-        decode = race({k: decode_fn(m, prompt, new) for k, m in models.items()}, 1, args.rounds)
+        decode = race({k: decode_fn(m, prompt, new) for k, m in models.items()}, args.rounds)
         report("decode b1", new, decode, 0.0, peak)
 
 

@@ -11,9 +11,9 @@ by comparing outputs), then are timed in one process, interleaved round by round
 (alternating who goes first) so that a neighbour's load slows both alike. Prints the
 median time of each and the median LitGPT/lab speed ratio with its range over rounds.
 
-    python benchmarks/bench_moe.py               # 1 thread, the steadiest
-    python benchmarks/bench_moe.py --threads 2 --rounds 15
-    python benchmarks/bench_moe.py --quick       # a smoke run
+    python -m benchmarks.bench_moe               # 1 thread, the steadiest
+    python -m benchmarks.bench_moe --threads 2 --rounds 15
+    python -m benchmarks.bench_moe --quick       # a smoke run
 
 Needs the bench extra: pip install -e ".[bench]".
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -31,6 +30,7 @@ from litgpt.config import Config as LitConfig
 from litgpt.model import GPT as LitGPT
 from litgpt.model import LLaMAMoE
 
+from benchmarks.common import race, speedup
 from lab import GPT, Config
 from lab.moe import MoE
 
@@ -69,21 +69,12 @@ def lit_state(lab_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def race(name: str, fns: dict[str, Callable[[], None]], rounds: int) -> None:
-    """Time each function once per round, alternating the order; print the medians."""
-    times: dict[str, list[float]] = {key: [] for key in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for r in range(rounds):
-        for key in list(fns)[:: 1 if r % 2 == 0 else -1]:
-            start = time.perf_counter()
-            fns[key]()
-            times[key].append(time.perf_counter() - start)
-    ratios = [lit / lab for lab, lit in zip(times["lab"], times["litgpt"], strict=True)]
+def report(name: str, fns: dict[str, Callable[[], None]], rounds: int) -> None:
+    """Race the functions (one call per round) and print the median times and speed-up."""
+    times = race(fns, rounds)
     print(
         f"{name:<42} lab {statistics.median(times['lab']) * 1e3:8.1f} ms   "
-        f"litgpt {statistics.median(times['litgpt']) * 1e3:8.1f} ms   "
-        f"speed-up {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})"
+        f"litgpt {statistics.median(times['litgpt']) * 1e3:8.1f} ms   speed-up {speedup(times)}"
     )
 
 
@@ -114,8 +105,8 @@ def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, round
 
         return run
 
-    race(f"{label}, forward", {"lab": forward(lab), "litgpt": forward(lit)}, rounds)
-    race(
+    report(f"{label}, forward", {"lab": forward(lab), "litgpt": forward(lit)}, rounds)
+    report(
         f"{label}, forward+backward",
         {"lab": forward_backward(lab), "litgpt": forward_backward(lit)},
         rounds,
@@ -143,7 +134,7 @@ def model_race(batch: int, seq_len: int, rounds: int) -> None:
         return run
 
     label = f"Mixtral-like model {batch}x{seq_len}, train step"
-    race(label, {"lab": train_step(lab), "litgpt": train_step(lit)}, rounds)
+    report(label, {"lab": train_step(lab), "litgpt": train_step(lit)}, rounds)
 
 
 def main() -> None:

@@ -13,22 +13,22 @@ overhead of fit (time_fit / time_bare - 1) with its range over rounds, and model
 utilisation (``lab.profile.flops_per_token(..., training=True)``) against this machine's
 measured fp32 matmul peak. Target: overhead under 5%.
 
-    python benchmarks/bench_train.py             # 1 thread, the steadiest
-    python benchmarks/bench_train.py --threads 2 --rounds 7 --progress
-    python benchmarks/bench_train.py --quick     # a smoke run (numbers are noise)
+    python -m benchmarks.bench_train             # 1 thread, the steadiest
+    python -m benchmarks.bench_train --threads 2 --rounds 7 --progress
+    python -m benchmarks.bench_train --quick     # a smoke run (numbers are noise)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import race
 from lab import GPT, Config
 from lab.profile import flops_per_token, measure_cpu_peak_flops, mfu
 from lab.train import fit, learning_rate, optimizer_groups
@@ -70,20 +70,6 @@ def bare_loop(model: GPT, data: Callable, steps: int, batch_size: int) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-
-
-def race(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, per round; the order alternates each round."""
-    for fn in fns.values():
-        fn()  # warm up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:

@@ -184,27 +184,13 @@ def test_callback_stop_and_plain_callable():
 
 
 def test_the_guides_custom_gpt_trains():
-    class CustomGPT(GPT):
-        def __init__(self, config):  # the guide's pattern: no GPT.__init__
-            nn.Module.__init__(self)
-            self.config = config
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-            self.transformer = nn.ModuleDict(
-                dict(
-                    wte=nn.Embedding(config.vocab_size, config.n_embd),
-                    h=nn.ModuleList(GPT(config).transformer.h),
-                    ln_f=nn.LayerNorm(config.n_embd),
-                )
-            )
-
-        def forward(self, idx, input_pos=None):
-            x = self.transformer.wte(idx)
-            for block in self.transformer.h:
-                x = block(x, input_pos=input_pos)
-            return self.lm_head(self.transformer.ln_f(x))
+    from test_guide import CustomGPT, MyModelConfig  # never calls GPT.__init__
 
     torch.manual_seed(0)
-    config = Config(n_layer=2, n_embd=32, n_head=2, vocab_size=TASK.vocab_size, block_size=32)
+    config = MyModelConfig(
+        n_layer=2, n_embd=32, n_head=2, intermediate_size=64, vocab_size=TASK.vocab_size,
+        block_size=32,
+    )  # fmt: skip
     history = quiet_fit(CustomGPT(config), steps=30, lr=1e-2, batch_size=16)
     assert np.mean(history.loss[-5:]) < np.mean(history.loss[:5]) - 0.1
 
