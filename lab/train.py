@@ -30,7 +30,8 @@ parallel layout either. The loss is the mean over all labelled tokens of the glo
 batch, so one device and two agree to rounding.
 
 Multi-device runs go through Lightning Fabric (``devices=2, strategy="ddp"|"fsdp"``),
-imported only then. ``fit`` also joins a group started by ``torchrun``/``fabric run``.
+imported only then. ``fit`` also joins a group started by ``torchrun``/``fabric run``,
+and from a notebook it forks its workers (``_fit_forked``).
 """
 
 from __future__ import annotations
@@ -38,12 +39,19 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import multiprocessing
 import os
+import pickle
+import queue
 import shutil
+import signal
+import tempfile
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +86,9 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, step: int, history: History, checkpoint: Path | None) -> None:
         super().__init__(message)
         self.step, self.history, self.checkpoint = step, history, checkpoint
+
+    def __reduce__(self) -> tuple:  # pickled from a notebook's worker process to the parent
+        return type(self), (str(self), self.step, self.history, self.checkpoint)
 
 
 # --- history and callback state -----------------------------------------------------------
@@ -288,7 +299,11 @@ class _Local:
 
 
 class _Distributed(_Local):
-    """Lightning Fabric: DDP, FSDP and friends, launched or joined."""
+    """Lightning Fabric: DDP, FSDP and friends, launched or joined.
+
+    ``fork=True`` (a notebook) makes Fabric's launcher fork the workers
+    (``_MultiProcessingLauncher``) instead of re-running the script.
+    """
 
     def __init__(
         self,
@@ -297,18 +312,28 @@ class _Distributed(_Local):
         strategy: str,
         num_nodes: int,
         precision: str,
+        fork: bool = False,
     ) -> None:
         from lightning_fabric import Fabric  # imported here: a second or two, only when needed
         from lightning_fabric.strategies import ModelParallelStrategy
+        from lightning_fabric.strategies.launchers.multiprocessing import (
+            _MultiProcessingLauncher,
+        )
+
+        class ForkedModelParallel(ModelParallelStrategy):
+            def _configure_launcher(self) -> None:  # its own choice is the script launcher
+                self._launcher = _MultiProcessingLauncher(self, start_method="fork")
 
         if strategy == "fsdp":
             # FSDP2 (torch.distributed.fsdp.fully_shard) through Fabric's ModelParallelStrategy:
             # unlike Fabric's "fsdp" (FSDP1, GPU only) it also runs on CPU with gloo.
             if not isinstance(devices, int):
                 raise ValueError(f"strategy='fsdp' needs devices as a number, got {devices!r}")
-            strategy = ModelParallelStrategy(
+            strategy = (ForkedModelParallel if fork else ModelParallelStrategy)(
                 _fully_shard_blocks, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
             )
+        elif strategy == "ddp" and fork:
+            strategy = "ddp_notebook"  # DDP with forked workers
         self.fabric = Fabric(
             accelerator=accelerator,
             devices=devices,
@@ -349,7 +374,10 @@ class _Distributed(_Local):
         self.fabric.backward(loss)
 
     def clip_gradients(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
-        norm = self.fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+        # error_if_nonfinite=False: fit raises its own NonFiniteLossError, on every rank.
+        norm = self.fabric.clip_gradients(
+            model, optimizer, max_norm=max_norm, error_if_nonfinite=False
+        )
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
 
     def optimizer_step(self, optimizer: Any) -> None:
@@ -417,6 +445,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     return model
 
 
+def _write_weights(state: dict[str, torch.Tensor], file: Path) -> None:
+    tensors, aliases = _unique_tensors(state)
+    save_file(tensors, file, metadata={"aliases": json.dumps(aliases)})
+
+
 def _read_model_state(path: Path) -> dict[str, torch.Tensor]:
     file = path / "model.safetensors"
     if not file.exists():
@@ -460,8 +493,7 @@ def _save_checkpoint(
     engine.barrier()
     save_file(_rng_state(generator), tmp / f"rng-{engine.global_rank}.safetensors")
     if engine.is_global_zero:
-        tensors, aliases = _unique_tensors(model_state)
-        save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+        _write_weights(model_state, tmp / "model.safetensors")
         torch.save(optim_state, tmp / "optimizer.pt")
         state = {"step": step, "world_size": engine.world_size, "history": history.to_dict()}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -621,6 +653,22 @@ def _evaluate(engine: _Local, model: nn.Module, sample: Sampler, s: _Settings) -
     return {"val_loss": loss_sum / labelled, "val_accuracy": correct / labelled}
 
 
+def _progress_bar(steps: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=initial, desc="fit", disable=not enabled)
+
+
+def _show_step(bar: Any, state: TrainState) -> None:
+    bar.update(state.step - bar.n)
+    bar.set_postfix(loss=f"{state.loss:.4f}", tok_s=f"{state.tokens_per_s:,.0f}", refresh=False)
+
+
+def _report_interrupt(step: int, checkpoint: Path | None) -> None:
+    kept = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint"
+    print(f"fit: interrupted after step {step}; returning the history so far ({kept})")
+
+
 def _train(
     engine: _Local,
     model: nn.Module,
@@ -668,12 +716,7 @@ def _train(
         step, history = _load_checkpoint(engine, model, optimizer, last_checkpoint, generator)
     history.stopped = ""
     state = TrainState(step=step, steps=s.steps, model=raw_model, history=history)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=s.steps, initial=step, desc="fit", disable=not (s.progress and engine.is_global_zero)
-    )
+    bar = _progress_bar(s.steps, step, s.progress and engine.is_global_zero)
     accum, scaled = s.grad_accum_steps, getattr(engine, "scaler", None) is not None
     try:
         while step < s.steps and not state.should_stop:
@@ -734,8 +777,7 @@ def _train(
                 setattr(state, name, value)
             if auxiliary_loss is not None:
                 history.aux_loss.append(aux_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            _show_step(bar, state)
             if engine.is_global_zero:
                 for hook in on_step:
                     hook(state)
@@ -764,14 +806,225 @@ def _train(
     except KeyboardInterrupt:
         history.stopped = "interrupted"
         if engine.is_global_zero:
-            kept = (
-                f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint"
-            )
-            print(f"fit: interrupted after step {step}; returning the history so far ({kept})")
+            _report_interrupt(step, last_checkpoint)
     finally:
         bar.close()
         raw_model.train(was_training)
     return history
+
+
+# --- from a notebook: forked workers ---------------------------------------------------------
+
+_STATE_NUMBERS = ("step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "should_stop")
+
+
+@dataclass
+class _Channel:
+    """What the parent and its forked workers share: rank 0's messages, the parent's
+    stop request, the workers' process ids, and the file for rank 0's final weights."""
+
+    messages: Any  # multiprocessing Queue of ("step"|"eval", ...), ("done", ...), ("error", ...)
+    stop: Any  # multiprocessing Event
+    pids: Any  # multiprocessing Array, one per rank
+    weights: Path
+
+
+class _Forwarder:
+    """Rank 0's only callback in a forked worker. It sends each step's numbers to the
+    parent, which runs the user's callbacks on them (a forked child must not use the
+    notebook's widgets or sockets), and applies a stop that the parent asked for."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.channel, self.sent = channel, {}  # sent: how much of each history list
+
+    def on_step(self, state: TrainState) -> None:
+        if self.channel.stop.is_set():
+            state.should_stop = True  # reaches every rank through fit's all-reduce
+        self._send("step", state)
+
+    def on_eval(self, state: TrainState) -> None:
+        self._send("eval", state)
+
+    def _send(self, kind: str, state: TrainState) -> None:
+        new = {}  # what the history gained since the last message
+        for name, value in vars(state.history).items():
+            if isinstance(value, list):
+                new[name], self.sent[name] = value[self.sent.get(name, 0) :], len(value)
+            else:
+                new[name] = value
+        numbers = {name: getattr(state, name) for name in _STATE_NUMBERS}
+        self.channel.messages.put((kind, new, numbers | {"metrics": dict(state.metrics)}))
+
+
+def _worker(
+    fabric: Any,
+    engine: _Distributed,
+    model: nn.Module,
+    data: Any,
+    s: _Settings,
+    block_size: int | None,
+    resume: bool | str | os.PathLike[str],
+    channel: _Channel,
+) -> None:
+    """One forked worker: ``_train``, then rank 0 writes the whole weights for the parent.
+
+    Errors go to the parent as messages (and are re-raised, so that torch's launcher
+    ends the other workers too).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # GNU OpenMP hangs in a child forked after the parent used its thread pool (checked
+    # with torch 2.13); one thread never enters the pool.
+    torch.set_num_threads(1)
+    channel.pids[engine.global_rank] = os.getpid()
+    try:
+        callbacks = [_Forwarder(channel)] if engine.is_global_zero else []
+        history = _train(engine, model, data, s, block_size, resume, callbacks)
+        # Whole weights: gathered from the shards under FSDP (collective, on every rank).
+        weights = get_model_state_dict(model, options=engine.state_dict_options)
+        if engine.is_global_zero:
+            _write_weights(weights, channel.weights)
+            channel.messages.put(("done", history.to_dict()))
+    except BaseException as error:
+        try:  # the parent re-raises it as it is, if it survives pickling
+            error_copy = pickle.loads(pickle.dumps(error))
+        except Exception:
+            error_copy = None
+        channel.messages.put(("error", engine.global_rank, error_copy, traceback.format_exc()))
+        raise
+
+
+def _relay(
+    channel: _Channel,
+    launcher: threading.Thread,
+    failure: list[BaseException],
+    state: TrainState,
+    hooks: tuple[list[Callable], list[Callable]],
+    bar: Any,
+) -> History:
+    """In the parent: apply rank 0's forwarded steps to ``state`` and call the user's
+    hooks on them, until rank 0's final History arrives; raise a worker's error."""
+    while True:
+        alive = launcher.is_alive()  # before get: once it has ended, its messages are queued
+        try:
+            message = channel.messages.get(timeout=0.1)
+        except queue.Empty:
+            if alive:
+                continue
+            cause = failure[0] if failure else None
+            raise RuntimeError(
+                f"fit's worker processes ended without a result ({cause})"
+            ) from cause
+        kind = message[0]
+        if kind == "done":
+            return History.from_dict(message[1])
+        if kind == "error":
+            _, rank, error, trace = message
+            where = f"in fit's worker process of rank {rank}:\n{trace}"
+            if error is None:
+                raise RuntimeError(f"error {where}")
+            error.add_note(f"(raised {where})")
+            raise error
+        _, new, numbers = message
+        for name, value in new.items():
+            if isinstance(value, list):
+                getattr(state.history, name).extend(value)
+            else:
+                setattr(state.history, name, value)
+        numbers["should_stop"] = numbers["should_stop"] or state.should_stop
+        for name, value in numbers.items():
+            setattr(state, name, value)
+        if kind == "step":
+            _show_step(bar, state)
+        on_step, on_eval = hooks
+        for hook in on_eval if kind == "eval" else on_step:
+            hook(state)
+        if state.should_stop:
+            channel.stop.set()
+
+
+def _end_workers(launcher: threading.Thread, pids: Any, kill: bool) -> None:
+    """Wait for the workers; with ``kill``, terminate them first (SIGTERM, by their own
+    ids; torch's launcher then ends any that had not reported one)."""
+    while launcher.is_alive():
+        for pid in pids[:] if kill else ():
+            if pid:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        launcher.join(1.0)
+
+
+def _fit_forked(
+    engine: _Distributed,
+    model: nn.Module,
+    data: Any,
+    s: _Settings,
+    block_size: int | None,
+    resume: bool | str | os.PathLike[str],
+    callbacks: Iterable[Any],
+) -> History:
+    """fit from a notebook, where there is no script to re-run: Fabric forks one worker
+    per device, each runs ``_train``; the user's callbacks run here on rank 0's forwarded
+    steps; rank 0's final weights are loaded into ``model`` (a forked child cannot change
+    the parent's memory).
+
+    Ctrl-C (KeyboardInterrupt) asks the workers to stop after their current step, as
+    one process does; a second one kills them.
+    """
+    if engine.device.type == "cuda" and torch.cuda.is_initialized():
+        raise RuntimeError(
+            "CUDA is already in use in this kernel (a tensor or model was put on the GPU, "
+            "or fit ran on one), and forked worker processes cannot use CUDA after that. "
+            "Restart the kernel and call fit(devices=...) before anything touches the GPU "
+            "(leave the model on the CPU: fit moves it), or run a script instead."
+        )
+    hooks = _callback_hooks(callbacks)
+    context = multiprocessing.get_context("fork")
+    state = TrainState(step=0, steps=s.steps, model=model, history=History())
+    failure: list[BaseException] = []
+    port = os.environ.get("MASTER_PORT")  # Fabric's launcher sets it in this process
+    with tempfile.TemporaryDirectory(prefix="lab-fit-") as tmp:
+        channel = _Channel(
+            context.Queue(), context.Event(), context.Array("i", engine.world_size),
+            Path(tmp) / "model.safetensors",
+        )  # fmt: skip
+
+        def launch() -> None:  # blocks until every worker has ended
+            try:
+                engine.fabric.launch(
+                    _worker, engine, model, data, replace(s, progress=False), block_size,
+                    resume, channel,
+                )  # fmt: skip
+            except BaseException as error:
+                failure.append(error)
+
+        launcher = threading.Thread(target=launch, name="fit workers", daemon=True)
+        bar = _progress_bar(s.steps, 0, s.progress)
+        finished = False
+        launcher.start()
+        try:
+            try:
+                final = _relay(channel, launcher, failure, state, hooks, bar)
+            except KeyboardInterrupt:
+                channel.stop.set()
+                print(
+                    "fit: interrupted; the workers stop after this step (interrupt again to kill)"
+                )
+                final = _relay(channel, launcher, failure, state, hooks, bar)
+                final.stopped = "interrupted"
+                last = latest_checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
+                _report_interrupt(state.step, last)
+            finished = True
+        finally:
+            bar.close()
+            _end_workers(launcher, channel.pids, kill=not finished)
+            if port is None:
+                os.environ.pop("MASTER_PORT", None)
+            else:
+                os.environ["MASTER_PORT"] = port
+        load_weights(model, tmp)
+    for f in fields(History):  # the object the callbacks saw, now rank 0's final History
+        setattr(state.history, f.name, getattr(final, f.name))
+    return state.history
 
 
 def fit(
@@ -838,8 +1091,17 @@ def fit(
     or ``strategy`` is given, or the process was started by ``torchrun``/``fabric run``;
     then Lightning Fabric runs ``strategy`` (``"ddp"`` by default, ``"fsdp"``) on
     ``devices`` of ``accelerator`` per node. From a script ``fit(..., devices=2)``
-    relaunches the script once per extra device. With FSDP the model ends up sharded;
-    use ``load_weights(fresh_model, checkpoint_dir)`` for a whole one.
+    relaunches the script once per extra device; with FSDP the model ends up sharded
+    (``load_weights(fresh_model, checkpoint_dir)`` gives a whole one). From a notebook
+    or another interactive session it forks one worker per device instead, and
+    afterwards ``model`` holds rank 0's final (whole) weights. There the callbacks run
+    in the notebook's process on rank 0's numbers, sent after each step: the workers do
+    not wait for them, so ``state.model`` keeps the old weights until the end, changes
+    to ``state`` other than ``should_stop`` are not seen, and a stop lands a few steps
+    later. Ctrl-C stops the workers after their current step (twice: kills them); a
+    worker's error is raised with its traceback as a note. Forking needs a platform
+    with fork (not Windows), CUDA unused in the kernel before the call, and one machine;
+    CPU workers run one thread each.
     """
     if block_size is None:
         block_size = getattr(getattr(model, "config", None), "block_size", None)
@@ -862,6 +1124,17 @@ def fit(
         if devices is None:  # joined a torchrun/fabric-run group: one device per process
             devices = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
             num_nodes = int(os.environ.get("WORLD_SIZE", "1")) // devices
-        engine = _Distributed(accelerator, devices, strategy or "ddp", num_nodes, precision)
+        from lightning_fabric.utilities.imports import _IS_INTERACTIVE
+
+        fork = _IS_INTERACTIVE and not launched  # no script to re-run
+        if fork and "fork" not in multiprocessing.get_all_start_methods():
+            raise RuntimeError(
+                "fit(devices=...) from a notebook forks one worker process per device, and "
+                "this platform cannot fork; put the code in a script (main code under "
+                "`if __name__ == '__main__':`) and run that, or train on one device"
+            )
+        engine = _Distributed(accelerator, devices, strategy or "ddp", num_nodes, precision, fork)
+        if fork:
+            return _fit_forked(engine, model, data, settings, block_size, resume, callbacks)
         engine.fabric.launch()
     return _train(engine, model, data, settings, block_size, resume, callbacks)
