@@ -4,7 +4,8 @@ The same tiny Llama-like weights (random, fp32) run in all three: lab's ``GPT`` 
 copied into LitGPT's ``GPT`` by hand (its names differ: ``attn.qkv``; the gated MLP
 split into ``fc_1`` gate, ``fc_2`` up, ``proj`` down) and into ``transformers``'
 ``LlamaForCausalLM`` through ``lab.checkpoint`` (``save_pretrained(format="hf")``).
-Each times greedy generation of ``--new-tokens`` tokens after a 16-token prompt,
+lab runs twice: eager, and with ``compile=True`` (its first call, which compiles, is
+timed apart). Each times greedy generation of ``--new-tokens`` tokens after a 16-token prompt,
 KV cache on, at batch 1 and 8, in one process, round by round in turn, after a
 warm-up; each round gives a ratio of throughputs (lab / other), and the median and
 range over rounds are printed, with the thread count. Greedy tokens are compared
@@ -22,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 
 import litgpt
 import torch
@@ -74,8 +76,10 @@ def runners(model: GPT, new_tokens: int) -> dict[str, Callable[[torch.Tensor], t
     lit, hf = to_litgpt(model), to_transformers(model)
     total = PROMPT_LENGTH + new_tokens
 
-    def run_lab(prompts: torch.Tensor) -> torch.Tensor:
-        return torch.stack(generate(model, list(prompts), new_tokens, temperature=0))
+    def run_lab(prompts: torch.Tensor, compile: bool = False) -> torch.Tensor:
+        return torch.stack(
+            generate(model, list(prompts), new_tokens, temperature=0, compile=compile)
+        )
 
     def run_litgpt(prompts: torch.Tensor) -> torch.Tensor:
         lit.max_seq_length = total
@@ -96,7 +100,12 @@ def runners(model: GPT, new_tokens: int) -> dict[str, Callable[[torch.Tensor], t
         )  # fmt: skip
         return out[:, prompts.size(1) :]
 
-    return {"lab": run_lab, "litgpt": run_litgpt, "transformers": run_transformers}
+    return {
+        "lab": run_lab,
+        "lab compiled": partial(run_lab, compile=True),
+        "litgpt": run_litgpt,
+        "transformers": run_transformers,
+    }
 
 
 @torch.inference_mode()
@@ -120,7 +129,11 @@ def main() -> None:
     )
     for batch_size in args.batch_sizes:
         prompts = torch.randint(model.config.vocab_size, (batch_size, PROMPT_LENGTH))
-        outputs = {name: fn(prompts) for name, fn in run.items()}  # warm-up and check
+        outputs, warm_up = {}, {}
+        for name, fn in run.items():  # warm-up (and compilation) and the tokens to compare
+            start = time.perf_counter()
+            outputs[name] = fn(prompts)
+            warm_up[name] = time.perf_counter() - start
         same = {name: torch.equal(out, outputs["lab"]) for name, out in outputs.items()}
         seconds: dict[str, list[float]] = {name: [] for name in run}
         for _ in range(rounds):
@@ -129,15 +142,19 @@ def main() -> None:
                 fn(prompts)
                 seconds[name].append(time.perf_counter() - start)
         tokens = batch_size * new_tokens
-        lab_rate = tokens / statistics.median(seconds["lab"])
-        print(f"\nbatch {batch_size}: lab {lab_rate:,.0f} tokens/s")
-        for name in ("litgpt", "transformers"):
-            ratios = [o / s for o, s in zip(seconds[name], seconds["lab"], strict=True)]
+        print(
+            f"\nbatch {batch_size}:  (first call of lab compiled: {warm_up['lab compiled']:.1f} s)"
+        )
+        for name in run:
             rate = tokens / statistics.median(seconds[name])
-            print(
-                f"  vs {name:<12} {rate:>8,.0f} tokens/s   lab is {statistics.median(ratios):.2f}x "
-                f"(range {min(ratios):.2f}-{max(ratios):.2f})   same greedy tokens: {same[name]}"
-            )
+            print(f"  {name:<13} {rate:>8,.0f} tokens/s   same greedy tokens as lab: {same[name]}")
+        for mine in ("lab", "lab compiled"):
+            for other in ("litgpt", "transformers"):
+                ratios = [o / s for o, s in zip(seconds[other], seconds[mine], strict=True)]
+                print(
+                    f"  {mine:<13} vs {other:<13} {statistics.median(ratios):.2f}x "
+                    f"(range {min(ratios):.2f}-{max(ratios):.2f})"
+                )
 
 
 if __name__ == "__main__":

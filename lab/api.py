@@ -62,6 +62,7 @@ class LLM:
         stop: str | Sequence[str] | None = None,
         stop_tokens: Sequence[int] | None = None,
         stream: bool = False,
+        compile: bool = False,
     ) -> str | list[str] | Iterator[str]:
         """The continuation of ``prompt`` (a list of prompts gives a list, batched).
 
@@ -70,6 +71,8 @@ class LLM:
         ``max_new_tokens``, at one of ``stop_tokens`` (default: the tokenizer's eos)
         or before the first of the ``stop`` strings; neither appears in the text.
         ``stream=True`` returns a generator of text pieces instead (one prompt only).
+        ``compile=True`` compiles the decoding step (``lab.generate.compiled_step``):
+        worth its seconds of compilation for long or repeated generations.
         """
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if stop_tokens is None:
@@ -77,7 +80,7 @@ class LLM:
             stop_tokens = () if eos is None else (eos,)
         kwargs = dict(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop=stops, stop_tokens=tuple(stop_tokens),
+            stop=stops, stop_tokens=tuple(stop_tokens), compile=compile,
         )  # fmt: skip
         if stream:
             if not isinstance(prompt, str):

@@ -28,12 +28,15 @@ so a seed gives the same text whatever else the program draws.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lab.model import GPT, Block, CausalSelfAttention
 from lab.tokenizer import IncrementalDecoder, Tokenizer
@@ -163,6 +166,7 @@ def decode_steps(
     stop_tokens: Sequence[int] = (),
     vocab_size: int | None = None,
     kv_cache: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield each step's new ids (B,) for prompts (1-D id tensors), ``FINISHED`` (-1)
     for rows that have produced one of ``stop_tokens`` (which is not reported).
@@ -173,6 +177,10 @@ def decode_steps(
     different lengths need ``supports_padding(model)`` (see ``generate``, which
     groups them otherwise). The model runs in eval mode and no_grad, and any KV cache
     made here is removed when the generator is closed or exhausted.
+
+    ``compile=True`` runs each step after the prompt through ``torch.compile`` (see
+    ``compiled_step``): the same tokens, several times faster on a CPU for small
+    models, after a compilation of some seconds per model, batch size and length.
     """
     check_sampling(temperature, top_k, top_p)
     use_cache = supports_kv_cache(model) if kv_cache is None else kv_cache
@@ -181,6 +189,8 @@ def decode_steps(
             f"kv_cache=True, but {type(model).__name__} does not use a KV cache "
             "(see lab.generate.supports_kv_cache); pass kv_cache=None or False"
         )
+    if compile:
+        _check_compilable(model, use_cache)
     ids, real = _left_pad(prompts, _device(model))
     padded = not bool(real.all())
     if padded and not supports_padding(model):
@@ -191,7 +201,7 @@ def decode_steps(
         )
     _check_length(model, ids.size(1), max_new_tokens)
     return _decode(
-        model, ids, real if padded else None, max_new_tokens, use_cache,
+        model, ids, real if padded else None, max_new_tokens, use_cache, compile,
         dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
         torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device), vocab_size,
     )  # fmt: skip
@@ -203,6 +213,7 @@ def _decode(
     real: torch.Tensor | None,
     max_new_tokens: int,
     use_cache: bool,
+    compile: bool,
     sampling: dict,
     stop_tokens: torch.Tensor,
     vocab_size: int | None,
@@ -212,20 +223,35 @@ def _decode(
     B, L = ids.shape
     was_training = model.training
     model.eval()
-    if use_cache:
-        model.set_kv_cache(B, max(L + max_new_tokens - 1, 1))
+    # A compiled step sees the whole (static) cache, so its length is rounded up: one
+    # compilation then serves every request that fits.
+    needed = max(L + max_new_tokens - 1, 1)
+    cache_length = (
+        -(-needed // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE if compile else needed
+    )
+    if compile:
+        _install_static_cache(model, B, cache_length)
+    elif use_cache:
+        model.set_kv_cache(B, cache_length)
     if real is not None:  # every generated token is real: extend the row mask once
-        real = torch.cat([real, real.new_ones(B, max_new_tokens)], dim=1)
+        real = torch.cat([real, real.new_ones(B, cache_length + 1 - L)], dim=1)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    compiled = compiled_step() if compile else None
+    weights = _weights_key(model) if compile else 0
     try:
         with torch.inference_mode():
             x, input_pos = ids, torch.arange(L, device=ids.device)
             for step in range(max_new_tokens):
-                kwargs = {} if real is None else {"mask": _padding_mask(real, L + step, x.size(1))}
-                if use_cache:
-                    logits = model(x, input_pos=input_pos, **kwargs)[:, -1]
+                if compile and step > 0:  # after the prompt, whose length varies
+                    logits = compiled(model, x, input_pos, real, cache_length, weights)
+                elif use_cache:  # a static cache (compile) is longer than the keys so far
+                    keys = cache_length if compile else L + step
+                    mask = _attention_mask(real, input_pos, keys, causal=compile)
+                    logits = model(x, input_pos=input_pos, **_mask_kwarg(mask))[:, -1]
                 else:
-                    logits = model(x, **kwargs)[:, -1]
+                    positions = torch.arange(L + step, device=x.device)
+                    mask = _attention_mask(real, positions, L + step, causal=False)
+                    logits = model(x, **_mask_kwarg(mask))[:, -1]
                 token = sample(logits[:, :vocab_size], **sampling)
                 stopped = torch.isin(token, stop_tokens)
                 yield token.masked_fill(finished | stopped, FINISHED)
@@ -240,6 +266,109 @@ def _decode(
         if use_cache:
             model.clear_kv_cache()
         model.train(was_training)
+
+
+# --- compiled decoding -------------------------------------------------------------------
+
+STATIC_CACHE_MULTIPLE = 128  # compiled steps see caches of a multiple of this length
+
+
+def _step(
+    model: nn.Module,
+    x: torch.Tensor,
+    input_pos: torch.Tensor,
+    real: torch.Tensor | None,
+    cache_length: int,
+    weights: int,
+) -> torch.Tensor:
+    """Logits (B, V) of one new token per row, ``x`` (B, 1) at ``input_pos`` (1,), with a
+    static cache of ``cache_length`` positions (``real`` marks padding, as in ``_decode``).
+
+    ``weights`` (``_weights_key``) is unused by the computation but read here, so a
+    compiled step guards on it: inductor's freezing bakes the weights into the
+    compiled code, which must not outlive them. Attention runs as plain matmul and
+    softmax, which inductor fuses; a fused-attention kernel call costs more than its
+    work for one query."""
+    if weights < 0:
+        raise ValueError(f"weights key {weights} must be non-negative")
+    mask = _attention_mask(real, input_pos, cache_length, causal=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        return model(x, input_pos=input_pos, mask=mask)[:, -1]
+
+
+@functools.cache
+def compiled_step() -> Callable[..., torch.Tensor]:
+    """``_step`` compiled by inductor with fixed shapes and frozen weights.
+
+    Why it is faster: an eager decode step of a small model is mostly Python and
+    dispatch overhead around a few hundred tiny ops. Compiled, the elementwise work
+    (norms, RoPE, SwiGLU, the one-query attention) is fused into a few C++ (or Triton)
+    kernels called from C++ (``cpp_wrapper``), and "freezing" turns the weights into
+    constants that inductor pre-packs for the CPU's matmul library. It needs a C++
+    compiler, as inductor does. Compiled once per model, batch size, cache length and
+    weights version (dynamo's guards), up to ``torch._dynamo.config.cache_size_limit``
+    variants, each holding a packed copy of the weights until ``torch.compiler.reset()``.
+    """
+    compiled = torch.compile(_step, dynamic=False)
+
+    def step(*args) -> torch.Tensor:
+        # Read while compiling, so set around each call (torch.compile's ``options``
+        # does not reach freezing).
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+            return compiled(*args)
+
+    return step
+
+
+def _weights_key(model: nn.Module) -> int:
+    """A number that changes when any weight may have: a model's first call gives it a
+    serial number, an in-place update bumps a tensor's version, a replaced tensor
+    has a new address. (Tensors made under ``torch.inference_mode`` keep no version,
+    but nothing can train them either.)"""
+    serial = model.__dict__.setdefault("_lab_serial", next(_SERIALS))
+    state = tuple(
+        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in model.parameters()
+    )
+    return hash((serial, state)) & (2**62 - 1)
+
+
+_SERIALS = itertools.count()
+
+
+def _install_static_cache(model: nn.Module, batch_size: int, length: int) -> None:
+    """Give ``model`` static KV caches for this batch size and length, the same ones
+    as last time: a compiled step guards on the very buffers it was compiled with.
+    They stay on the model (``release_static_caches`` frees them)."""
+    weight = model.lm_head.weight
+    key = (batch_size, length, weight.device, weight.dtype)
+    caches = model.__dict__.setdefault("_lab_static_caches", {})
+    if key not in caches:
+        model.set_kv_cache(batch_size, length, static=True)
+        caches[key] = [block.attn.kv_cache for block in model.transformer.h]
+    for block, cache in zip(model.transformer.h, caches[key], strict=True):
+        block.attn.kv_cache = cache
+
+
+def release_static_caches(model: nn.Module) -> None:
+    """Free the KV caches that ``compile=True`` decoding keeps on ``model`` between
+    calls (the next such call allocates them again, and recompiles)."""
+    model.__dict__.pop("_lab_static_caches", None)
+
+
+def _check_compilable(model: nn.Module, use_cache: bool) -> None:
+    """compile=True needs the KV cache (fixed shapes) and no sliding window (the
+    static cache's mask states causality only)."""
+    if not use_cache or not isinstance(model, GPT):
+        raise ValueError(
+            f"compile=True needs a lab GPT with a KV cache; {type(model).__name__} recomputes "
+            "the whole sequence each step (see lab.generate.supports_kv_cache): use compile=False"
+        )
+    windowed = [i for i, block in enumerate(model.transformer.h) if block.attn.sliding_window_size]
+    if windowed:
+        raise ValueError(
+            f"compile=True does not support sliding-window attention (layers {windowed}); "
+            "use compile=False"
+        )
 
 
 def _left_pad(
@@ -262,15 +391,28 @@ def _left_pad(
     return ids, real
 
 
-def _padding_mask(real: torch.Tensor, S: int, T: int) -> torch.Tensor:
-    """(B, 1, T, S) bool: the last T of S positions may attend to real keys. A pad
-    query also sees itself: a row with every key hidden would make SDPA return NaN,
-    which 0 * NaN would then spread into the real rows."""
-    keys = real[:, None, None, :S]
-    itself = (
-        torch.arange(S, device=real.device) == torch.arange(S - T, S, device=real.device)[:, None]
-    )
-    return keys | itself
+def _mask_kwarg(mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``mask=`` only when there is one: models that never pad need not take it."""
+    return {} if mask is None else {"mask": mask}
+
+
+def _attention_mask(
+    real: torch.Tensor | None, query_pos: torch.Tensor, S: int, causal: bool
+) -> torch.Tensor | None:
+    """Which of S keys the queries at ``query_pos`` (T,) may see: bool (B, 1, T, S),
+    or (T, S) when no row is padded.
+
+    Real keys only, where ``real`` marks padding; a pad query also sees itself, as a
+    row with every key hidden would make SDPA return NaN, which 0 * NaN would then
+    spread into the real rows. ``causal`` adds ``key <= query`` (a static cache holds
+    positions not written yet; otherwise the attention adds it). None when nothing
+    is hidden."""
+    key_pos = torch.arange(S, device=query_pos.device)
+    allowed = key_pos <= query_pos[:, None] if causal else None
+    if real is not None:
+        padding = real[:, None, None, :S] | (key_pos == query_pos[:, None])
+        allowed = padding if allowed is None else padding & allowed
+    return allowed
 
 
 def _check_length(model: nn.Module, prompt_length: int, max_new_tokens: int) -> None:
@@ -313,6 +455,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     vocab_size: int | None = None,
     kv_cache: bool | None = None,
+    compile: bool = False,
 ) -> torch.Tensor | list[torch.Tensor]:
     """The new ids (without the prompt or the stop token) for one 1-D prompt, or a
     list of them for a list of prompts (batched; see ``decode_steps`` for the rest).
@@ -326,7 +469,7 @@ def generate(
         steps = decode_steps(
             model, [prompts[i] for i in group], max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-            stop_tokens=stop_tokens, vocab_size=vocab_size, kv_cache=kv_cache,
+            stop_tokens=stop_tokens, vocab_size=vocab_size, kv_cache=kv_cache, compile=compile,
         )  # fmt: skip
         for tokens in steps:  # a finished row reports FINISHED from then on
             for i, token in zip(group, tokens.tolist(), strict=True):

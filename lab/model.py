@@ -113,7 +113,14 @@ class GatedMLP(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, preallocated as (B, ng, max_seq_length, hs)."""
+    """Keys and values of past positions, preallocated as (B, ng, max_seq_length, hs).
+
+    By default a step reads the keys up to its last position, so their number S
+    grows step by step. ``static=True`` returns the whole buffer instead, so every
+    step has the same shapes (what ``torch.compile`` needs, see
+    ``lab.generate.decode_steps(compile=True)``); the caller's ``mask`` must then hide
+    the positions not written yet (``key_pos <= input_pos``).
+    """
 
     def __init__(
         self,
@@ -123,25 +130,33 @@ class KVCache(nn.Module):
         head_size: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> None:
         super().__init__()
         shape = (batch_size, n_query_groups, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.static = static
 
     def forward(
         self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v`` (B, T, ng, hs) at ``input_pos``; return every key and value up
-        to the last of them, (B, S, ng, hs). ``input_pos`` must be consecutive."""
-        B, end = k.size(0), int(input_pos[-1]) + 1
-        if end > self.k.size(2) or self.k.size(0) < B:
-            raise ValueError(
-                f"the KV cache holds {self.k.size(0)} sequences of {self.k.size(2)} positions; "
-                f"got {B} sequences up to position {end - 1}: call set_kv_cache with more"
-            )
+        to the last of them (the whole buffer if static), (B, S, ng, hs).
+        ``input_pos`` must be consecutive."""
+        B = k.size(0)
+        if not torch.compiler.is_compiling():  # a compiled step's positions were checked
+            end = int(input_pos[-1]) + 1
+            if end > self.k.size(2) or self.k.size(0) < B:
+                raise ValueError(
+                    f"the KV cache holds {self.k.size(0)} sequences of {self.k.size(2)} "
+                    f"positions; got {B} sequences up to position {end - 1}: call "
+                    "set_kv_cache with more"
+                )
         self.k[:B].index_copy_(2, input_pos, k.transpose(1, 2).to(self.k.dtype))
         self.v[:B].index_copy_(2, input_pos, v.transpose(1, 2).to(self.v.dtype))
+        if self.static:
+            return self.k[:B].transpose(1, 2), self.v[:B].transpose(1, 2)
         return self.k[:B, :, :end].transpose(1, 2), self.v[:B, :, :end].transpose(1, 2)
 
 
@@ -295,10 +310,13 @@ class CausalSelfAttention(nn.Module):
         max_seq_length: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> None:
         self.kv_cache = KVCache(
-            batch_size, max_seq_length, self.n_query_groups, self.head_size, device, dtype
+            batch_size, max_seq_length, self.n_query_groups, self.head_size, device, dtype, static
         )
+        if hasattr(self.positional, "reserve"):  # RoPE's table: no growing mid-decode
+            self.positional.reserve(max_seq_length, device or self.attn.weight.device)
 
 
 def causal_mask(T: int, S: int, device: torch.device, window: int | None = None) -> torch.Tensor:
@@ -439,13 +457,13 @@ class GPT(nn.Module):
         ``input_pos`` (T,) (the positions of these tokens) the KV cache is used.
         ``mask`` (bool, broadcastable to (B, nh, T, S)) goes to every block's attention,
         e.g. to hide left padding (see ``CausalSelfAttention.scaled_dot_product_attention``)."""
-        T = idx.size(1)
-        last = T if input_pos is None else int(input_pos[-1]) + 1
-        if last > self.config.block_size:
-            raise ValueError(
-                f"position {last - 1} is beyond block_size ({self.config.block_size}); "
-                "use a shorter sequence or a config with a larger block_size"
-            )
+        if not torch.compiler.is_compiling():  # a compiled decode step checked its positions
+            last = idx.size(1) if input_pos is None else int(input_pos[-1]) + 1
+            if last > self.config.block_size:
+                raise ValueError(
+                    f"position {last - 1} is beyond block_size ({self.config.block_size}); "
+                    "use a shorter sequence or a config with a larger block_size"
+                )
         x = self.transformer.wte(idx)
         if self.config.scale_embeddings:
             x = x * torch.tensor(math.sqrt(self.config.n_embd), dtype=x.dtype)
@@ -465,13 +483,15 @@ class GPT(nn.Module):
         max_seq_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> None:
-        """Preallocate every layer's KV cache for incremental decoding."""
+        """Preallocate every layer's KV cache for incremental decoding (``static``: see
+        ``KVCache``)."""
         max_seq_length = max_seq_length or self.config.block_size
         weight = self.lm_head.weight
         for block in self.transformer.h:
             block.attn.set_kv_cache(
-                batch_size, max_seq_length, device or weight.device, dtype or weight.dtype
+                batch_size, max_seq_length, device or weight.device, dtype or weight.dtype, static
             )
 
     def clear_kv_cache(self) -> None:

@@ -132,19 +132,27 @@ class RotaryPositions(nn.Module):
 
         Rows come from a table that grows (doubling) to the furthest position seen, so
         a step reads it instead of recomputing, and a model built for 128k tokens holds
-        only as many rows as it has used. A plain attribute, like ``inv_freq``.
+        only as many rows as it has used. A plain attribute, like ``inv_freq``. A
+        compiled step cannot grow it: ``reserve`` (called by ``set_kv_cache``) has.
         """
-        needed = T if input_pos is None else int(input_pos.max()) + 1
+        if not torch.compiler.is_compiling():
+            self.reserve(T if input_pos is None else int(input_pos.max()) + 1, device)
+        cos, sin = self._cos_sin_table
+        if input_pos is None:
+            return cos[:T], sin[:T]
+        return cos[input_pos], sin[input_pos]
+
+    def reserve(self, rows: int, device: torch.device | str) -> None:
+        """Make the table hold at least ``rows`` positions, on ``device``."""
         table = self._cos_sin_table
-        if table is None or table[0].size(0) < needed or table[0].device != device:
-            rows = max(needed, 2 * table[0].size(0) if table is not None else 0)
+        if table is None or table[0].size(0) < rows or table[0].device != torch.device(device):
+            rows = max(rows, 2 * table[0].size(0) if table is not None else 0)
             angles = torch.arange(rows, device=device).float()[:, None] * self.inv_freq.on(device)
             angles = torch.cat((angles, angles), dim=-1)  # (rows, n_elem)
-            table = (angles.cos() * self.attention_factor, angles.sin() * self.attention_factor)
-            self._cos_sin_table = table
-        if input_pos is None:
-            return table[0][:T], table[1][:T]
-        return table[0][input_pos], table[1][input_pos]
+            self._cos_sin_table = (
+                angles.cos() * self.attention_factor,
+                angles.sin() * self.attention_factor,
+            )
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = self.n_elem

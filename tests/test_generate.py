@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lab import GPT, CausalSelfAttention, Config
-from lab.generate import _padding_mask, generate, sample, supports_kv_cache, supports_padding
+from lab.generate import _attention_mask, generate, sample, supports_kv_cache, supports_padding
 
 VOCAB = 96
 
@@ -148,7 +148,8 @@ def test_padding_mask_hides_pads_without_nans():
     real = torch.arange(len(long)) >= len(long) - len(short)
     idx = torch.stack([padded, long])
     with torch.no_grad():
-        mask = _padding_mask(torch.stack([real, torch.ones_like(real)]), len(long), len(long))
+        rows = torch.stack([real, torch.ones_like(real)])
+        mask = _attention_mask(rows, torch.arange(len(long)), len(long), causal=False)
         batched = model(idx, mask=mask)
         alone = model(short[None])
     causal = torch.ones(len(long), len(long), dtype=torch.bool).tril()
@@ -194,3 +195,43 @@ def test_length_limits():
         generate(model, prompts()[0], 61)
     with pytest.raises(ValueError, match="no tokens"):
         generate(model, [torch.zeros(0, dtype=torch.long)], 3)
+
+
+# --- compiled decoding ---------------------------------------------------------------------
+
+
+def compilations() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize(
+    "overrides", [CONFIGS["rope-gqa"], CONFIGS["alibi"]], ids=["rope", "alibi"]
+)
+def test_compiled_decoding_gives_the_eager_tokens(overrides):
+    model, batch = tiny_gpt(**overrides), prompts()  # padded: the static cache's mask
+    for sampling in ({"temperature": 0}, {"seed": 3, "top_k": 20, "top_p": 0.9}):
+        eager = generate(model, batch, 12, **sampling)
+        compiled = generate(model, batch, 12, compile=True, **sampling)
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
+    before = compilations()
+    generate(model, batch, 20, temperature=0, compile=True)  # the same batch and cache size
+    assert compilations() == before
+    assert all(block.attn.kv_cache is None for block in model.transformer.h)
+
+
+def test_compiled_decoding_follows_changed_weights():
+    """Freezing bakes weights into the compiled step: an update must recompile it."""
+    model, prompt = tiny_gpt(), prompts()[1]
+    first = generate(model, prompt, 8, temperature=0, compile=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.lm_head.weight.roll(1, dims=0))
+    eager = generate(model, prompt, 8, temperature=0)
+    assert not torch.equal(first, eager)
+    assert torch.equal(generate(model, prompt, 8, temperature=0, compile=True), eager)
+
+
+def test_compiled_decoding_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(tiny_gpt(sliding_window_size=4), prompts()[0], 3, compile=True)
+    with pytest.raises(ValueError, match="compile=True needs a lab GPT with a KV cache"):
+        generate(tiny_gpt(), prompts()[0], 3, compile=True, kv_cache=False)

@@ -146,3 +146,13 @@ def test_custom_model_saves_and_loads_with_its_classes(tmp_path):
     assert isinstance(loaded.model, CustomGPT) and loaded.model.config.custom_param == 0.1
     assert loaded.generate("hello", max_new_tokens=10, seed=1) == text
     assert sorted(f.name for f in tmp_path.iterdir()) == ["custom"]
+
+
+def test_compiled_generation_gives_the_same_text():
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=1, n_embd=32, n_head=4, vocab_size=259, block_size=64))
+    llm = LLM(model, tokenizer=ByteTokenizer())
+    kwargs = dict(max_new_tokens=12, temperature=0.8, seed=1, stop_tokens=())
+    eager = llm.generate("def f(", **kwargs)
+    assert llm.generate("def f(", compile=True, **kwargs) == eager
+    assert "".join(llm.generate("def f(", stream=True, compile=True, **kwargs)) == eager
