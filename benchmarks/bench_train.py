@@ -13,6 +13,10 @@ overhead of fit (time_fit / time_bare - 1) with its range over rounds, and model
 utilisation (``lab.profile.flops_per_token(..., training=True)``) against this machine's
 measured fp32 matmul peak. Target: overhead under 5%.
 
+Because whole-run ratios swing by +-10% on a shared machine, it also measures fit's own
+work per step directly: fit minus the bare loop on a model so small that the
+bookkeeping dominates each step, and prints it as a share of a benchmark step.
+
     python -m benchmarks.bench_train             # 1 thread, the steadiest
     python -m benchmarks.bench_train --threads 2 --rounds 7 --progress
     python -m benchmarks.bench_train --quick     # a smoke run (numbers are noise)
@@ -72,6 +76,27 @@ def bare_loop(model: GPT, data: Callable, steps: int, batch_size: int) -> None:
         loss.item()
 
 
+def bookkeeping_per_step(rounds: int, steps: int = 200) -> float:
+    """fit's own work per step, in seconds: fit's time minus the bare loop's on a model so
+    small (1 layer, n_embd 16, batch 1 x 8) that the bookkeeping is most of a step, so the
+    difference stands out of the noise; median over interleaved rounds."""
+    config = Config(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=64)
+    torch.manual_seed(0)
+    fit_model, bare_model = GPT(config), GPT(config)
+    data = random_tokens(config.vocab_size, 8)
+    fns = {
+        "fit": partial(
+            fit, fit_model, data, steps=steps, batch_size=1, lr=LR, weight_decay=WEIGHT_DECAY,
+            betas=BETAS, grad_clip=GRAD_CLIP, progress=False, device="cpu",
+        ),
+        "bare": partial(bare_loop, bare_model, data, steps, 1),
+    }  # fmt: skip
+    times = race(fns, rounds)
+    return statistics.median(
+        (f - b) / steps for f, b in zip(times["fit"], times["bare"], strict=True)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -93,6 +118,8 @@ def main() -> None:
         f"{args.rounds} interleaved rounds, median [min-max]"
     )
     tokens = args.steps * args.batch * args.seq
+    own = bookkeeping_per_step(args.rounds, steps=20 if args.quick else 200)
+    print(f"  fit's own work per step (tiny model, fit minus bare): {own * 1e3:.2f} ms")
     for arch, extra in ARCHITECTURES.items():
         config = Config(**SHARED, **extra)
         torch.manual_seed(0)
@@ -120,6 +147,8 @@ def main() -> None:
             f"fit overhead {statistics.median(overheads):+.1%} "
             f"[{overheads[0]:+.1%} to {overheads[-1]:+.1%}]"
         )
+        bare_step = statistics.median(times["bare"]) / args.steps
+        line.append(f"own work {own / bare_step:.2%} of a step")
         print("   ".join(line))
 
 

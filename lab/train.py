@@ -29,9 +29,8 @@ next to the model) and keeps its slice, so the data stream does not depend on th
 parallel layout either. The loss is the mean over all labelled tokens of the global
 batch, so one device and two agree to rounding.
 
-Multi-device runs go through Lightning Fabric (``devices=2, strategy="ddp"|"fsdp"``),
-imported only then. ``fit`` also joins a group started by ``torchrun``/``fabric run``,
-and from a notebook it forks its workers (``_fit_forked``).
+Multi-device runs (``devices=2, strategy="ddp"|"fsdp"``, or a group started by
+``torchrun``/``fabric run``) go through Lightning Fabric: see ``lab.distributed``.
 """
 
 from __future__ import annotations
@@ -39,19 +38,12 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import multiprocessing
 import os
-import pickle
-import queue
 import shutil
-import signal
-import tempfile
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import asdict, dataclass, field, fields, replace
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -239,7 +231,7 @@ def _as_sampler(data: Any, block_size: int | None) -> Sampler:
     )
 
 
-# --- engines: one process, or Lightning Fabric ---------------------------------------------
+# --- the one-process engine (lab.distributed has Fabric's) ---------------------------------------------
 
 
 class _Local:
@@ -296,115 +288,6 @@ class _Local:
         return model
 
     state_dict_options = StateDictOptions(full_state_dict=True)
-
-
-class _Distributed(_Local):
-    """Lightning Fabric: DDP, FSDP and friends, launched or joined.
-
-    ``fork=True`` (a notebook) makes Fabric's launcher fork the workers
-    (``_MultiProcessingLauncher``) instead of re-running the script.
-    """
-
-    def __init__(
-        self,
-        accelerator: str,
-        devices: int | str,
-        strategy: str,
-        num_nodes: int,
-        precision: str,
-        fork: bool = False,
-    ) -> None:
-        from lightning_fabric import Fabric  # imported here: a second or two, only when needed
-        from lightning_fabric.strategies import ModelParallelStrategy
-        from lightning_fabric.strategies.launchers.multiprocessing import (
-            _MultiProcessingLauncher,
-        )
-
-        class ForkedModelParallel(ModelParallelStrategy):
-            def _configure_launcher(self) -> None:  # its own choice is the script launcher
-                self._launcher = _MultiProcessingLauncher(self, start_method="fork")
-
-        if strategy == "fsdp":
-            # FSDP2 (torch.distributed.fsdp.fully_shard) through Fabric's ModelParallelStrategy:
-            # unlike Fabric's "fsdp" (FSDP1, GPU only) it also runs on CPU with gloo.
-            if not isinstance(devices, int):
-                raise ValueError(f"strategy='fsdp' needs devices as a number, got {devices!r}")
-            strategy = (ForkedModelParallel if fork else ModelParallelStrategy)(
-                _fully_shard_blocks, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
-            )
-        elif strategy == "ddp" and fork:
-            strategy = "ddp_notebook"  # DDP with forked workers
-        self.fabric = Fabric(
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            num_nodes=num_nodes,
-            precision=precision,
-        )
-
-    @property
-    def device(self) -> torch.device:
-        return self.fabric.device
-
-    @property
-    def world_size(self) -> int:
-        return self.fabric.world_size
-
-    @property
-    def global_rank(self) -> int:
-        return self.fabric.global_rank
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.fabric.is_global_zero
-
-    def setup(self, model: nn.Module, make_optimizer: Callable) -> tuple[nn.Module, Any]:
-        # FSDP replaces parameters by sharded DTensors (same names, same global shapes),
-        # so the optimizer is built after setup_module.
-        module = self.fabric.setup_module(model)
-        return module, self.fabric.setup_optimizers(make_optimizer(model))
-
-    def autocast(self) -> AbstractContextManager:
-        return self.fabric.autocast()
-
-    def no_backward_sync(self, model: nn.Module, enabled: bool) -> AbstractContextManager:
-        return self.fabric.no_backward_sync(model, enabled=enabled)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.fabric.backward(loss)
-
-    def clip_gradients(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
-        # error_if_nonfinite=False: fit raises its own NonFiniteLossError, on every rank.
-        norm = self.fabric.clip_gradients(
-            model, optimizer, max_norm=max_norm, error_if_nonfinite=False
-        )
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-
-    def optimizer_step(self, optimizer: Any) -> None:
-        optimizer.step()  # Fabric's optimizer wrapper applies its precision's scaler
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.fabric.all_reduce(tensor, reduce_op="sum")
-
-    def barrier(self) -> None:
-        self.fabric.barrier()
-
-    def wrapped(self, model: nn.Module) -> nn.Module:
-        """The DDP/FSDP module inside Fabric's wrapper, as the state-dict API needs it."""
-        return model._forward_module
-
-    state_dict_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _fully_shard_blocks(model: nn.Module, mesh: Any) -> nn.Module:
-    """FSDP2 policy for any model: shard every element of every ``nn.ModuleList`` (the
-    blocks, and experts inside them), innermost first, then the root for the rest."""
-    from torch.distributed.fsdp import fully_shard
-
-    units = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
-    for unit in reversed(units):  # modules() is pre-order: reversed puts children first
-        fully_shard(unit, mesh=mesh["data_parallel"])
-    return fully_shard(model, mesh=mesh["data_parallel"])
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -813,220 +696,6 @@ def _train(
     return history
 
 
-# --- from a notebook: forked workers ---------------------------------------------------------
-
-_STATE_NUMBERS = ("step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "should_stop")
-
-
-@dataclass
-class _Channel:
-    """What the parent and its forked workers share: rank 0's messages, the parent's
-    stop request, the workers' process ids, and the file for rank 0's final weights."""
-
-    messages: Any  # multiprocessing Queue of ("step"|"eval", ...), ("done", ...), ("error", ...)
-    stop: Any  # multiprocessing Event
-    pids: Any  # multiprocessing Array, one per rank
-    weights: Path
-
-
-class _Forwarder:
-    """Rank 0's only callback in a forked worker. It sends each step's numbers to the
-    parent, which runs the user's callbacks on them (a forked child must not use the
-    notebook's widgets or sockets), and applies a stop that the parent asked for."""
-
-    def __init__(self, channel: _Channel) -> None:
-        self.channel, self.sent = channel, {}  # sent: how much of each history list
-
-    def on_step(self, state: TrainState) -> None:
-        if self.channel.stop.is_set():
-            state.should_stop = True  # reaches every rank through fit's all-reduce
-        self._send("step", state)
-
-    def on_eval(self, state: TrainState) -> None:
-        self._send("eval", state)
-
-    def _send(self, kind: str, state: TrainState) -> None:
-        new = {}  # what the history gained since the last message
-        for name, value in vars(state.history).items():
-            if isinstance(value, list):
-                new[name], self.sent[name] = value[self.sent.get(name, 0) :], len(value)
-            else:
-                new[name] = value
-        numbers = {name: getattr(state, name) for name in _STATE_NUMBERS}
-        self.channel.messages.put((kind, new, numbers | {"metrics": dict(state.metrics)}))
-
-
-def _worker(
-    fabric: Any,
-    engine: _Distributed,
-    model: nn.Module,
-    data: Any,
-    s: _Settings,
-    block_size: int | None,
-    resume: bool | str | os.PathLike[str],
-    channel: _Channel,
-) -> None:
-    """One forked worker: ``_train``, then rank 0 writes the whole weights for the parent.
-
-    Errors go to the parent as messages (and are re-raised, so that torch's launcher
-    ends the other workers too).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # GNU OpenMP hangs in a child forked after the parent used its thread pool (checked
-    # with torch 2.13); one thread never enters the pool.
-    torch.set_num_threads(1)
-    channel.pids[engine.global_rank] = os.getpid()
-    try:
-        callbacks = [_Forwarder(channel)] if engine.is_global_zero else []
-        history = _train(engine, model, data, s, block_size, resume, callbacks)
-        # Whole weights: gathered from the shards under FSDP (collective, on every rank).
-        weights = get_model_state_dict(model, options=engine.state_dict_options)
-        if engine.is_global_zero:
-            _write_weights(weights, channel.weights)
-            channel.messages.put(("done", history.to_dict()))
-    except BaseException as error:
-        try:  # the parent re-raises it as it is, if it survives pickling
-            error_copy = pickle.loads(pickle.dumps(error))
-        except Exception:
-            error_copy = None
-        channel.messages.put(("error", engine.global_rank, error_copy, traceback.format_exc()))
-        raise
-
-
-def _relay(
-    channel: _Channel,
-    launcher: threading.Thread,
-    failure: list[BaseException],
-    state: TrainState,
-    hooks: tuple[list[Callable], list[Callable]],
-    bar: Any,
-) -> History:
-    """In the parent: apply rank 0's forwarded steps to ``state`` and call the user's
-    hooks on them, until rank 0's final History arrives; raise a worker's error."""
-    while True:
-        alive = launcher.is_alive()  # before get: once it has ended, its messages are queued
-        try:
-            message = channel.messages.get(timeout=0.1)
-        except queue.Empty:
-            if alive:
-                continue
-            cause = failure[0] if failure else None
-            raise RuntimeError(
-                f"fit's worker processes ended without a result ({cause})"
-            ) from cause
-        kind = message[0]
-        if kind == "done":
-            return History.from_dict(message[1])
-        if kind == "error":
-            _, rank, error, trace = message
-            where = f"in fit's worker process of rank {rank}:\n{trace}"
-            if error is None:
-                raise RuntimeError(f"error {where}")
-            error.add_note(f"(raised {where})")
-            raise error
-        _, new, numbers = message
-        for name, value in new.items():
-            if isinstance(value, list):
-                getattr(state.history, name).extend(value)
-            else:
-                setattr(state.history, name, value)
-        numbers["should_stop"] = numbers["should_stop"] or state.should_stop
-        for name, value in numbers.items():
-            setattr(state, name, value)
-        if kind == "step":
-            _show_step(bar, state)
-        on_step, on_eval = hooks
-        for hook in on_eval if kind == "eval" else on_step:
-            hook(state)
-        if state.should_stop:
-            channel.stop.set()
-
-
-def _end_workers(launcher: threading.Thread, pids: Any, kill: bool) -> None:
-    """Wait for the workers; with ``kill``, terminate them first (SIGTERM, by their own
-    ids; torch's launcher then ends any that had not reported one)."""
-    while launcher.is_alive():
-        for pid in pids[:] if kill else ():
-            if pid:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-        launcher.join(1.0)
-
-
-def _fit_forked(
-    engine: _Distributed,
-    model: nn.Module,
-    data: Any,
-    s: _Settings,
-    block_size: int | None,
-    resume: bool | str | os.PathLike[str],
-    callbacks: Iterable[Any],
-) -> History:
-    """fit from a notebook, where there is no script to re-run: Fabric forks one worker
-    per device, each runs ``_train``; the user's callbacks run here on rank 0's forwarded
-    steps; rank 0's final weights are loaded into ``model`` (a forked child cannot change
-    the parent's memory).
-
-    Ctrl-C (KeyboardInterrupt) asks the workers to stop after their current step, as
-    one process does; a second one kills them.
-    """
-    if engine.device.type == "cuda" and torch.cuda.is_initialized():
-        raise RuntimeError(
-            "CUDA is already in use in this kernel (a tensor or model was put on the GPU, "
-            "or fit ran on one), and forked worker processes cannot use CUDA after that. "
-            "Restart the kernel and call fit(devices=...) before anything touches the GPU "
-            "(leave the model on the CPU: fit moves it), or run a script instead."
-        )
-    hooks = _callback_hooks(callbacks)
-    context = multiprocessing.get_context("fork")
-    state = TrainState(step=0, steps=s.steps, model=model, history=History())
-    failure: list[BaseException] = []
-    port = os.environ.get("MASTER_PORT")  # Fabric's launcher sets it in this process
-    with tempfile.TemporaryDirectory(prefix="lab-fit-") as tmp:
-        channel = _Channel(
-            context.Queue(), context.Event(), context.Array("i", engine.world_size),
-            Path(tmp) / "model.safetensors",
-        )  # fmt: skip
-
-        def launch() -> None:  # blocks until every worker has ended
-            try:
-                engine.fabric.launch(
-                    _worker, engine, model, data, replace(s, progress=False), block_size,
-                    resume, channel,
-                )  # fmt: skip
-            except BaseException as error:
-                failure.append(error)
-
-        launcher = threading.Thread(target=launch, name="fit workers", daemon=True)
-        bar = _progress_bar(s.steps, 0, s.progress)
-        finished = False
-        launcher.start()
-        try:
-            try:
-                final = _relay(channel, launcher, failure, state, hooks, bar)
-            except KeyboardInterrupt:
-                channel.stop.set()
-                print(
-                    "fit: interrupted; the workers stop after this step (interrupt again to kill)"
-                )
-                final = _relay(channel, launcher, failure, state, hooks, bar)
-                final.stopped = "interrupted"
-                last = latest_checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
-                _report_interrupt(state.step, last)
-            finished = True
-        finally:
-            bar.close()
-            _end_workers(launcher, channel.pids, kill=not finished)
-            if port is None:
-                os.environ.pop("MASTER_PORT", None)
-            else:
-                os.environ["MASTER_PORT"] = port
-        load_weights(model, tmp)
-    for f in fields(History):  # the object the callbacks saw, now rank 0's final History
-        setattr(state.history, f.name, getattr(final, f.name))
-    return state.history
-
-
 def fit(
     model: nn.Module,
     data: Any,
@@ -1118,23 +787,12 @@ def fit(
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if devices is None and strategy is None and num_nodes == 1 and not launched:
         engine = _Local(device, precision)
-    else:
-        if device is not None:
-            raise ValueError("pass accelerator= (and devices=) for multi-device runs, not device=")
-        if devices is None:  # joined a torchrun/fabric-run group: one device per process
-            devices = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-            num_nodes = int(os.environ.get("WORLD_SIZE", "1")) // devices
-        from lightning_fabric.utilities.imports import _IS_INTERACTIVE
+        return _train(engine, model, data, settings, block_size, resume, callbacks)
+    if device is not None:
+        raise ValueError("pass accelerator= (and devices=) for multi-device runs, not device=")
+    from lab.distributed import fit_distributed  # imports Lightning Fabric: only when needed
 
-        fork = _IS_INTERACTIVE and not launched  # no script to re-run
-        if fork and "fork" not in multiprocessing.get_all_start_methods():
-            raise RuntimeError(
-                "fit(devices=...) from a notebook forks one worker process per device, and "
-                "this platform cannot fork; put the code in a script (main code under "
-                "`if __name__ == '__main__':`) and run that, or train on one device"
-            )
-        engine = _Distributed(accelerator, devices, strategy or "ddp", num_nodes, precision, fork)
-        if fork:
-            return _fit_forked(engine, model, data, settings, block_size, resume, callbacks)
-        engine.fabric.launch()
-    return _train(engine, model, data, settings, block_size, resume, callbacks)
+    return fit_distributed(
+        model, data, settings, block_size, resume, callbacks, accelerator=accelerator,
+        devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
+    )  # fmt: skip
