@@ -135,6 +135,11 @@ class FabricEngine(_Local):
         return self.fabric.device
 
     @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The gradient scaler of Fabric's "16-mixed" precision (None otherwise)."""
+        return getattr(self.fabric.strategy.precision, "scaler", None)
+
+    @property
     def world_size(self) -> int:
         return self.fabric.world_size
 

@@ -241,14 +241,13 @@ class _Local:
 
     def __init__(self, device: str | torch.device | None, precision: str) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if precision == "16-mixed" and self.device.type != "cuda":
-            raise ValueError(
-                f"precision='16-mixed' needs CUDA (got device {self.device}); "
-                "use 'bf16-mixed' or '32-true'"
-            )
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self._dtype = dtype
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "16-mixed" else None
+        # fp16's narrow range needs loss scaling: the scaler multiplies the loss, skips a
+        # step whose gradients overflowed and lowers the scale (on CPU too, where fp16
+        # autocast is slow but lets the path be tested without a GPU).
+        scaled = precision == "16-mixed"
+        self.scaler = torch.amp.GradScaler(self.device.type) if scaled else None
 
     def setup(self, model: nn.Module, make_optimizer: Callable) -> tuple[nn.Module, Any]:
         model.to(self.device)
@@ -361,7 +360,8 @@ def _save_checkpoint(
     model.safetensors   weights (full, gathered from shards)
     optimizer.pt        AdamW state by parameter name (torch.save; read with weights_only)
     rng-{rank}.safetensors   torch CPU/CUDA RNG states of each rank, and the data generator
-    state.json          step and the history so far (the schedule is a function of step)
+    state.json          step, the history so far (the schedule is a function of step)
+                        and fp16's gradient-scaler state
     """
     wrapped = engine.wrapped(model)
     options = engine.state_dict_options
@@ -379,6 +379,8 @@ def _save_checkpoint(
         _write_weights(model_state, tmp / "model.safetensors")
         torch.save(optim_state, tmp / "optimizer.pt")
         state = {"step": step, "world_size": engine.world_size, "history": history.to_dict()}
+        if engine.scaler is not None:  # fp16's loss scale and its growth counter
+            state["scaler"] = engine.scaler.state_dict()
         (tmp / "state.json").write_text(json.dumps(state))
     engine.barrier()
     if engine.is_global_zero:
@@ -413,6 +415,8 @@ def _load_checkpoint(
             f"cannot resume from {path}: {e}\nIs it a checkpoint of this model? "
             "Use another checkpoint_dir or resume=False with an empty one."
         ) from e
+    if engine.scaler is not None and "scaler" in state:
+        engine.scaler.load_state_dict(state["scaler"])
     rank = engine.global_rank if state["world_size"] == engine.world_size else 0
     rng = load_file(path / f"rng-{rank}.safetensors")
     torch.set_rng_state(rng["torch"])
@@ -600,7 +604,7 @@ def _train(
     history.stopped = ""
     state = TrainState(step=step, steps=s.steps, model=raw_model, history=history)
     bar = _progress_bar(s.steps, step, s.progress and engine.is_global_zero)
-    accum, scaled = s.grad_accum_steps, getattr(engine, "scaler", None) is not None
+    accum, scaled = s.grad_accum_steps, engine.scaler is not None
     try:
         while step < s.steps and not state.should_stop:
             started = time.perf_counter()
@@ -739,7 +743,8 @@ def fit(
     see ``optimizer_groups``) with ``lr`` warmed up linearly for ``warmup_steps``, then
     ``schedule`` down to ``min_lr`` (see ``learning_rate``); gradients clipped to a global
     norm of ``grad_clip`` (None: no clipping). ``precision``: ``"32-true"``, ``"bf16-mixed"``
-    (CPU or CUDA autocast) or ``"16-mixed"`` (CUDA, with a gradient scaler). Models with
+    (CPU or CUDA autocast) or ``"16-mixed"`` (fp16 autocast with a gradient scaler: for
+    GPUs without bf16; it runs on a CPU too, slowly). Models with
     ``lab.moe`` layers get ``lab.moe.auxiliary_loss(model)`` added to the loss.
 
     Evaluation every ``eval_every`` steps (and at the last) on ``eval_steps`` fixed
