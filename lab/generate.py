@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lab.model import GPT, Block, CausalSelfAttention
+from lab.moe import moe_layers
 from lab.tokenizer import IncrementalDecoder, Tokenizer
 
 FINISHED = -1  # the id ``decode_steps`` reports for a row that has stopped
@@ -356,8 +357,9 @@ def release_static_caches(model: nn.Module) -> None:
 
 
 def _check_compilable(model: nn.Module, use_cache: bool) -> None:
-    """compile=True needs the KV cache (fixed shapes) and no sliding window (the
-    static cache's mask states causality only)."""
+    """compile=True needs the KV cache (fixed shapes), no sliding window (the static
+    cache's mask states causality only) and no MoE layers (their dispatch depends on
+    the routing, so a compiled step would recompile for every new expert load)."""
     if not use_cache or not isinstance(model, GPT):
         raise ValueError(
             f"compile=True needs a lab GPT with a KV cache; {type(model).__name__} recomputes "
@@ -368,6 +370,13 @@ def _check_compilable(model: nn.Module, use_cache: bool) -> None:
         raise ValueError(
             f"compile=True does not support sliding-window attention (layers {windowed}); "
             "use compile=False"
+        )
+    routed = [name for name, _ in moe_layers(model)]
+    if routed:
+        raise ValueError(
+            f"compile=True does not help mixture-of-experts layers ({', '.join(routed)}): "
+            "their dispatch depends on the routing, so the step would recompile again and "
+            "again; use compile=False"
         )
 
 

@@ -233,5 +233,8 @@ def test_compiled_decoding_follows_changed_weights():
 def test_compiled_decoding_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="sliding-window"):
         generate(tiny_gpt(sliding_window_size=4), prompts()[0], 3, compile=True)
+    moe = tiny_gpt(mlp_class_name="MoE", n_expert=4, n_expert_per_token=2)
+    with pytest.raises(ValueError, match=r"mixture-of-experts layers \(transformer.h.0.mlp"):
+        generate(moe, prompts()[0], 3, compile=True)
     with pytest.raises(ValueError, match="compile=True needs a lab GPT with a KV cache"):
         generate(tiny_gpt(), prompts()[0], 3, compile=True, kv_cache=False)
