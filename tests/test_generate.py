@@ -204,11 +204,9 @@ def compilations() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize(
-    "overrides", [CONFIGS["rope-gqa"], CONFIGS["alibi"]], ids=["rope", "alibi"]
-)
-def test_compiled_decoding_gives_the_eager_tokens(overrides):
-    model, batch = tiny_gpt(**overrides), prompts()  # padded: the static cache's mask
+@pytest.mark.parametrize("name", ["rope-gqa", "alibi", "softcap"])
+def test_compiled_decoding_gives_the_eager_tokens(name):
+    model, batch = tiny_gpt(**CONFIGS[name]), prompts()  # padded: the static cache's mask
     for sampling in ({"temperature": 0}, {"seed": 3, "top_k": 20, "top_p": 0.9}):
         eager = generate(model, batch, 12, **sampling)
         compiled = generate(model, batch, 12, compile=True, **sampling)
