@@ -247,11 +247,10 @@ def _decode(
                     logits = compiled(model, x, input_pos, real, cache_length, weights)
                 elif use_cache:  # a static cache (compile) is longer than the keys so far
                     keys = cache_length if compile else L + step
-                    mask = _attention_mask(real, input_pos, keys, causal=compile)
+                    mask = _attention_mask(real, keys, causal=compile, query_pos=input_pos)
                     logits = model(x, input_pos=input_pos, **_mask_kwarg(mask))[:, -1]
                 else:
-                    positions = torch.arange(L + step, device=x.device)
-                    mask = _attention_mask(real, positions, L + step, causal=False)
+                    mask = _attention_mask(real, L + step, causal=False)
                     logits = model(x, **_mask_kwarg(mask))[:, -1]
                 token = sample(logits[:, :vocab_size], **sampling)
                 stopped = torch.isin(token, stop_tokens)
@@ -292,7 +291,7 @@ def _step(
     work for one query."""
     if weights < 0:
         raise ValueError(f"weights key {weights} must be non-negative")
-    mask = _attention_mask(real, input_pos, cache_length, causal=True)
+    mask = _attention_mask(real, cache_length, causal=True, query_pos=input_pos)
     with sdpa_kernel(SDPBackend.MATH):
         return model(x, input_pos=input_pos, mask=mask)[:, -1]
 
@@ -406,17 +405,24 @@ def _mask_kwarg(mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
 
 
 def _attention_mask(
-    real: torch.Tensor | None, query_pos: torch.Tensor, S: int, causal: bool
+    real: torch.Tensor | None,
+    S: int,
+    *,
+    causal: bool,
+    query_pos: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Which of S keys the queries at ``query_pos`` (T,) may see: bool (B, 1, T, S),
-    or (T, S) when no row is padded.
+    """Which of S keys the queries at ``query_pos`` (T,; default all S positions) may
+    see: bool (B, 1, T, S), or (T, S) when no row is padded; None when nothing is hidden.
 
     Real keys only, where ``real`` marks padding; a pad query also sees itself, as a
     row with every key hidden would make SDPA return NaN, which 0 * NaN would then
     spread into the real rows. ``causal`` adds ``key <= query`` (a static cache holds
-    positions not written yet; otherwise the attention adds it). None when nothing
-    is hidden."""
-    key_pos = torch.arange(S, device=query_pos.device)
+    positions not written yet; otherwise the attention adds it)."""
+    if real is None and not causal:
+        return None  # the common case: no work on the decode loop's path
+    device = (real if query_pos is None else query_pos).device
+    key_pos = torch.arange(S, device=device)
+    query_pos = key_pos if query_pos is None else query_pos
     allowed = key_pos <= query_pos[:, None] if causal else None
     if real is not None:
         padding = real[:, None, None, :S] | (key_pos == query_pos[:, None])

@@ -149,7 +149,7 @@ def test_padding_mask_hides_pads_without_nans():
     idx = torch.stack([padded, long])
     with torch.no_grad():
         rows = torch.stack([real, torch.ones_like(real)])
-        mask = _attention_mask(rows, torch.arange(len(long)), len(long), causal=False)
+        mask = _attention_mask(rows, len(long), causal=False)
         batched = model(idx, mask=mask)
         alone = model(short[None])
     causal = torch.ones(len(long), len(long), dtype=torch.bool).tril()
