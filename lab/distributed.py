@@ -52,8 +52,6 @@ def fit_distributed(
     model: nn.Module,
     data: Any,
     settings: _Settings,
-    block_size: int | None,
-    resume: bool | str | os.PathLike[str],
     callbacks: Iterable[Any],
     *,
     accelerator: str,
@@ -78,9 +76,9 @@ def fit_distributed(
         )
     engine = FabricEngine(accelerator, devices, strategy or "ddp", num_nodes, precision, fork)
     if fork:
-        return fit_forked(engine, model, data, settings, block_size, resume, callbacks)
+        return fit_forked(engine, model, data, settings, callbacks)
     engine.fabric.launch()
-    return _train(engine, model, data, settings, block_size, resume, callbacks)
+    return _train(engine, model, data, settings, callbacks)
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -249,8 +247,6 @@ def _worker(
     model: nn.Module,
     data: Any,
     s: _Settings,
-    block_size: int | None,
-    resume: bool | str | os.PathLike[str],
     channel: _Channel,
 ) -> None:
     """One forked worker: ``_train``, then rank 0 writes the whole weights for the parent.
@@ -265,7 +261,7 @@ def _worker(
     channel.pids[engine.global_rank] = os.getpid()
     try:
         callbacks = [_Forwarder(channel)] if engine.is_global_zero else []
-        history = _train(engine, model, data, s, block_size, resume, callbacks)
+        history = _train(engine, model, data, s, callbacks)
         # Whole weights: gathered from the shards under FSDP (collective, on every rank).
         weights = get_model_state_dict(model, options=engine.state_dict_options)
         if engine.is_global_zero:
@@ -345,8 +341,6 @@ def fit_forked(
     model: nn.Module,
     data: Any,
     s: _Settings,
-    block_size: int | None,
-    resume: bool | str | os.PathLike[str],
     callbacks: Iterable[Any],
 ) -> History:
     """fit from a notebook, where there is no script to re-run: Fabric forks one worker
@@ -378,9 +372,8 @@ def fit_forked(
         def launch() -> None:  # blocks until every worker has ended
             try:
                 engine.fabric.launch(
-                    _worker, engine, model, data, replace(s, progress=False), block_size,
-                    resume, channel,
-                )  # fmt: skip
+                    _worker, engine, model, data, replace(s, progress=False), channel
+                )
             except BaseException as error:
                 failure.append(error)
 

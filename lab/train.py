@@ -452,6 +452,8 @@ class _Settings:
     keep_last: int
     progress: bool
     seed: int
+    block_size: int | None  # window length for get_batch streams
+    resume: bool | str | os.PathLike[str]
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
@@ -557,13 +559,7 @@ def _report_interrupt(step: int, checkpoint: Path | None) -> None:
 
 
 def _train(
-    engine: _Local,
-    model: nn.Module,
-    data: Any,
-    s: _Settings,
-    block_size: int | None,
-    resume: bool | str | os.PathLike[str],
-    callbacks: Iterable[Any],
+    engine: _Local, model: nn.Module, data: Any, s: _Settings, callbacks: Iterable[Any]
 ) -> History:
     """The training loop on this process (one rank of a group, or the only one)."""
     if s.batch_size % (s.grad_accum_steps * engine.world_size):
@@ -571,7 +567,7 @@ def _train(
             f"batch_size={s.batch_size} is not divisible by grad_accum_steps "
             f"({s.grad_accum_steps}) x devices ({engine.world_size}); it is the global batch"
         )
-    sample = _as_sampler(data, block_size)
+    sample = _as_sampler(data, s.block_size)
     on_step, on_eval = _callback_hooks(callbacks)
     auxiliary_loss = _moe_auxiliary_loss(model)
     torch.manual_seed(s.seed + engine.global_rank)  # dropout: independent masks per rank
@@ -590,9 +586,9 @@ def _train(
 
     step, history, last_checkpoint = 0, History(), None
     checkpoint_dir = s.checkpoint_dir
-    if checkpoint_dir is not None and resume is not False:
+    if checkpoint_dir is not None and s.resume is not False:
         last_checkpoint = (
-            Path(resume) if not isinstance(resume, bool) else latest_checkpoint(checkpoint_dir)
+            Path(s.resume) if not isinstance(s.resume, bool) else latest_checkpoint(checkpoint_dir)
         )
     elif checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
         raise FileExistsError(
@@ -786,18 +782,19 @@ def fit(
         eval_steps=eval_steps, target=target,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         checkpoint_every=checkpoint_every, keep_last=keep_last, progress=progress, seed=seed,
+        block_size=block_size, resume=resume,
     )  # fmt: skip
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; choose one of {PRECISIONS}")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if devices is None and strategy is None and num_nodes == 1 and not launched:
         engine = _Local(device, precision)
-        return _train(engine, model, data, settings, block_size, resume, callbacks)
+        return _train(engine, model, data, settings, callbacks)
     if device is not None:
         raise ValueError("pass accelerator= (and devices=) for multi-device runs, not device=")
     from lab.distributed import fit_distributed  # imports Lightning Fabric: only when needed
 
     return fit_distributed(
-        model, data, settings, block_size, resume, callbacks, accelerator=accelerator,
-        devices=devices, strategy=strategy, num_nodes=num_nodes, precision=precision,
+        model, data, settings, callbacks, accelerator=accelerator, devices=devices,
+        strategy=strategy, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip
