@@ -244,7 +244,8 @@ def _decode(
             x, input_pos = ids, torch.arange(L, device=ids.device)
             for step in range(max_new_tokens):
                 if compile and step > 0:  # after the prompt, whose length varies
-                    logits = compiled(model, x, input_pos, real, cache_length, weights)
+                    args = (model, x, input_pos, real, cache_length, weights)
+                    logits = compiled(*args, may_compile=step == 1)  # shapes fixed from then on
                 elif use_cache:  # a static cache (compile) is longer than the keys so far
                     keys = cache_length if compile else L + step
                     mask = _attention_mask(real, keys, causal=compile, query_pos=input_pos)
@@ -311,9 +312,12 @@ def compiled_step() -> Callable[..., torch.Tensor]:
     """
     compiled = torch.compile(_step, dynamic=False)
 
-    def step(*args) -> torch.Tensor:
-        # Read while compiling, so set around each call (torch.compile's ``options``
-        # does not reach freezing).
+    def step(*args, may_compile: bool) -> torch.Tensor:
+        """``may_compile``: this call may (re)compile, so inductor's options must be set
+        (read while compiling, and ``torch.compile(options=...)`` does not reach
+        freezing); setting them costs ~30 us, a few % of a step, so only then."""
+        if not may_compile:
+            return compiled(*args)
         with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
             return compiled(*args)
 

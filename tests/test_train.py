@@ -203,6 +203,8 @@ def test_fp16_checkpoints_keep_the_loss_scale(tmp_path):
     model.spike = False
     resumed = quiet_fit(model, echo, steps=6, precision="16-mixed", checkpoint_dir=tmp_path)
     assert resumed.step == list(range(1, 7))
+    state = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
+    assert state["scaler"]["scale"] == 2.0**15  # restored, not back to 2**16
 
 
 def echo(batch_size, generator):
