@@ -5,7 +5,8 @@ from lab import (
     positional,  # noqa: F401  (registers the positional schemes)
 )
 from lab.api import LLM
-from lab.config import Config, ConfigError
+from lab.config import Config
+from lab.errors import ConfigError, LabError
 from lab.model import GPT, MLP, Block, CausalSelfAttention, GatedMLP, LayerNorm, RMSNorm
 from lab.probe import probe
 from lab.registry import register
@@ -19,6 +20,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "GatedMLP",
+    "LabError",
     "LayerNorm",
     "RMSNorm",
     "probe",

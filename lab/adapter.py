@@ -44,6 +44,7 @@ from torch import nn
 from lab import model as base
 from lab import registry
 from lab.config import Config as BaseConfig
+from lab.errors import AdapterError
 from lab.model import _expand
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -51,10 +52,6 @@ SETTINGS_FILE = "adapter.json"
 FORMAT = "lab-adapter/1"
 # Parameters a method adds are named with these prefixes (``adapter_gate``, ``lora_A``).
 OWN_PREFIXES = ("adapter_", "lora_")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be applied, saved or loaded as asked; says why and the fix."""
 
 
 @dataclass

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab.config import Config
+from lab.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -49,10 +50,6 @@ CHECKPOINT_FILES = re.compile(
     r"(generation_)?config\.json|model(-[\w-]+)?\.safetensors|model\.(pt|bin)"
     r"|pytorch_model(-[\w-]+)?\.bin|(model\.safetensors|pytorch_model\.bin)\.index\.json"
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be saved or loaded as asked; the message says why."""
 
 
 # --- public API ----------------------------------------------------------------------------

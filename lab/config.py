@@ -23,18 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import registry
-
-
-class ConfigError(ValueError):
-    """A config that cannot build a model; the message names the field and the fix.
-
-    ``field`` holds the offending field's name, so a widget can point at it.
-    """
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
+from lab.errors import ConfigError
 
 # Fields that describe the whole model; the rest may differ per layer.
 GLOBAL_FIELDS = frozenset(

@@ -18,6 +18,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from lab.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -44,8 +46,6 @@ class Registry:
         return add(cls) if cls is not None else add
 
     def get(self, name: str) -> type:
-        from lab.config import ConfigError  # lab.config imports this module
-
         try:
             return self._classes[name]
         except KeyError:

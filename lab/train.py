@@ -59,6 +59,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lab.errors import NonFiniteLossError
+
 IGNORE_INDEX = -100  # targets to skip, as in torch.nn.functional.cross_entropy
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -66,21 +68,6 @@ CHECKPOINT_PREFIX = "step-"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Sampler = Callable[[str, int, torch.Generator], Batch]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss (or gradient norm) became NaN or infinite; the weights were not updated.
-
-    ``step`` is the failing step, ``history`` what was recorded before it, and
-    ``checkpoint`` the last good checkpoint (None without ``checkpoint_dir``).
-    """
-
-    def __init__(self, message: str, step: int, history: History, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.step, self.history, self.checkpoint = step, history, checkpoint
-
-    def __reduce__(self) -> tuple:  # pickled from a notebook's worker process to the parent
-        return type(self), (str(self), self.step, self.history, self.checkpoint)
 
 
 # --- history and callback state -----------------------------------------------------------
