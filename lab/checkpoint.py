@@ -58,7 +58,8 @@ CHECKPOINT_FILES = re.compile(
 def save_pretrained(
     model: nn.Module, directory: str | Path, format: str = "lab", model_type: str | None = None
 ) -> Path:
-    """Write ``model`` (anything with a ``config`` and a ``state_dict``) to ``directory``.
+    """Write ``model`` (anything with a ``config`` and a ``state_dict``) to ``directory``,
+    atomically: a crash leaves the old directory or the new one, never a mix.
 
     ``format="lab"`` keeps every config field; ``format="hf"`` writes the Hugging Face
     layout of ``model_type`` (inferred from the config when None), and raises
@@ -70,7 +71,22 @@ def save_pretrained(
             f"save_pretrained needs model.config to be a lab Config; {type(model).__name__} "
             f"has {type(config).__name__}: set self.config = config in your model's __init__"
         )
-    tensors, _ = unique_state(model)
+    with atomic_directory(directory) as tmp:
+        write_model(tmp, config, model.state_dict(), format, model_type)
+    return Path(directory)
+
+
+def write_model(
+    directory: Path,
+    config: Config,
+    state: dict[str, torch.Tensor],
+    format: str = "lab",
+    model_type: str | None = None,
+) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (not atomically:
+    callers write into ``atomic_directory``). ``state`` is a full state dict; tied tensors
+    are stored once."""
+    tensors, _ = unique_tensors(state)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     if format == "lab":
         cls = type(config)
@@ -89,10 +105,16 @@ def save_pretrained(
         config_text = json.dumps(config_json, indent=2) + "\n"
     except TypeError as error:
         raise CheckpointError(f"the config cannot be written as JSON: {error}") from None
-    with atomic_directory(directory) as tmp:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
-        (tmp / CONFIG_FILE).write_text(config_text)
-    return Path(directory)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata=metadata)
+    (directory / CONFIG_FILE).write_text(config_text)
+
+
+def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load the weights of a lab checkpoint directory into an existing ``model``, checking
+    names and shapes (tied tensors, stored once, fill every name they are tied to)."""
+    tensors, _ = read_tensors(Path(directory))
+    load_state(model, tensors, source=str(directory))
+    return model
 
 
 def load_pretrained(
@@ -150,10 +172,16 @@ def load_pretrained(
 
 
 def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``model.state_dict()`` with every shared tensor kept once, and ``{alias: kept
-    name}`` for the names dropped. Tied embeddings are kept under the input embedding
+    """``model.state_dict()`` with every shared tensor kept once; see ``unique_tensors``."""
+    return unique_tensors(model.state_dict())
+
+
+def unique_tensors(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` with every shared tensor kept once, and ``{alias: kept name}`` for the
+    names dropped. Tied embeddings are kept under the input embedding
     (``transformer.wte.weight``), as Hugging Face stores them."""
-    state = model.state_dict()
     groups: dict[tuple, list[str]] = {}
     for name, t in state.items():
         shared = t.numel() > 0 and t.device.type != "meta"
