@@ -65,7 +65,7 @@ def test_config_subclass_is_rebuilt(tmp_path):
     loaded = GPT.from_pretrained(tmp_path)
     assert type(loaded.config) is MyConfig and loaded.config.custom_param == 0.5
     with pytest.raises(CheckpointError, match="config_class=YourConfig"):
-        load_pretrained(tmp_path, config_class=Config)  # Config has no custom_param
+        load_pretrained(tmp_path, GPT, config_class=Config)  # Config has no custom_param
 
 
 def test_dtype_follows_the_checkpoint_unless_asked(tmp_path):
@@ -165,8 +165,9 @@ def test_pickled_weights_are_never_unpickled(tmp_path):
     assert_same_state(GPT.from_pretrained(tmp_path), model)  # plain tensors load
 
     torch.save({"weights": _Payload()}, tmp_path / "model.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"model\.pt is corrupt or holds objects") as error:
         GPT.from_pretrained(tmp_path)
+    assert isinstance(error.value.__cause__, pickle.UnpicklingError)
     assert not _Payload.ran
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lab import GPT, Config
-from lab.checkpoint import FAMILIES, CheckpointError, config_to_hf, hf_model_type, save_pretrained
+from lab.checkpoint import save_pretrained
+from lab.errors import CheckpointError
+from lab.hf import FAMILIES, config_to_hf, hf_model_type
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
