@@ -44,7 +44,7 @@ from torch import nn
 
 from lab import hf
 from lab.config import Config
-from lab.errors import CheckpointError, ConfigError
+from lab.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -143,16 +143,27 @@ def load_pretrained(
         )
     values = _read_json(directory / CONFIG_FILE)
     tensors, metadata = read_tensors(directory, device)
-    if "model_type" in values or "architectures" in values:
-        values.setdefault("_name_or_path", directory.name)
-        config = _config(directory, hf.config_from_hf, values, config_class or Config)
-        model = _build(model_class, config, device)
+    is_hf = "model_type" in values or "architectures" in values
+    try:
+        if is_hf:
+            values.setdefault("_name_or_path", directory.name)
+            config = hf.config_from_hf(values, config_class or Config)
+        else:
+            config_class = config_class or _recorded_class(metadata.get("config_class"))
+            config = config_class.from_dict(values)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as error:  # ConfigError included
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} does not describe a valid config: {error}. If the "
+            "checkpoint was saved with a Config subclass, import it first or pass "
+            "config_class=YourConfig"
+        ) from error
+    with torch.device(device or "cpu"):
+        model = model_class(config)
+    if is_hf:
         names = list(unique_state(model)[0])
         tensors = hf.weights_from_hf(tensors, names, config, hf.model_type_of(values))
-    else:
-        config_class = config_class or _recorded_class(metadata.get("config_class"))
-        config = _config(directory, config_class.from_dict, values)
-        model = _build(model_class, config, device)
     dtype = dtype or _stored_dtype(tensors)
     if dtype is not None:
         _cast_weights(model, dtype)
@@ -190,8 +201,22 @@ def load_state(
     model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint"
 ) -> None:
     """Copy ``tensors`` into ``model`` after checking that the names and shapes match
-    exactly; otherwise raise ``CheckpointError`` listing every difference."""
+    exactly; otherwise raise ``CheckpointError`` listing every difference. A tensor
+    the model ties to another may be stored once under either name, or under both
+    with equal values (a plain ``torch.save(model.state_dict())``)."""
     expected, aliases = unique_state(model)
+    tensors = dict(tensors)
+    for alias, kept in aliases.items():
+        if alias not in tensors:
+            continue
+        value = tensors.pop(alias)
+        if kept not in tensors:
+            tensors[kept] = value
+        elif value.shape != tensors[kept].shape or not torch.equal(value, tensors[kept]):
+            raise CheckpointError(
+                f"{source} holds different {alias} and {kept}, but the model ties them; "
+                "build the model untied (e.g. tie_embeddings=False) to load both"
+            )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [
@@ -300,25 +325,6 @@ def _weight_files(directory: Path) -> list[Path]:
         f"{directory} has no weights: expected model.safetensors (or shards listed in "
         "model.safetensors.index.json), pytorch_model.bin or model.pt"
     )
-
-
-def _config(directory: Path, make: Callable[..., Config], *args: Any) -> Config:
-    """``make(*args)``, with a config that does not fit reported against its file."""
-    try:
-        return make(*args)
-    except CheckpointError:
-        raise
-    except (ConfigError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE} does not describe a valid config: {error}. If the "
-            "checkpoint was saved with a Config subclass, import it first or pass "
-            "config_class=YourConfig"
-        ) from error
-
-
-def _build(model_class: Callable[[Config], nn.Module], config: Config, device: Any) -> nn.Module:
-    with torch.device(device or "cpu"):
-        return model_class(config)
 
 
 def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:

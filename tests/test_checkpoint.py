@@ -271,3 +271,22 @@ def test_a_torch_file_without_a_state_dict_is_refused(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=r"model\.pt does not hold a state dict"):
         GPT.from_pretrained(tmp_path)
+
+
+def test_tied_tensors_stored_under_both_names(tmp_path):
+    """A plain ``torch.save(model.state_dict())`` stores a tied tensor under both
+    names; equal copies load, different ones are refused with the reason."""
+    model = tiny_model(tie_embeddings=True)
+    Config.save(model.config, tmp_path / "config.json")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert_same_state(GPT.from_pretrained(tmp_path), model)
+
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    state["lm_head.weight"] += 1
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"different lm_head\.weight and .*tie_embeddings"):
+        GPT.from_pretrained(tmp_path)
+    untied = GPT(Config(**TINY, tie_embeddings=False))
+    tensors, _ = read_tensors(tmp_path)
+    load_state(untied, tensors)
+    assert torch.equal(untied.lm_head.weight, state["lm_head.weight"])
