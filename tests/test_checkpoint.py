@@ -3,9 +3,11 @@ clear errors for mismatches, atomic saves, and no unpickling."""
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +292,17 @@ def test_tied_tensors_stored_under_both_names(tmp_path):
     tensors, _ = read_tensors(tmp_path)
     load_state(untied, tensors)
     assert torch.equal(untied.lm_head.weight, state["lm_head.weight"])
+
+
+def test_the_checkpoint_layer_does_not_import_the_model():
+    """Dependencies run one way, model -> checkpoint -> hf: neither file layer imports
+    the model (``GPT.from_pretrained`` passes itself as ``model_class``)."""
+    lab_dir = Path(lab.checkpoint.__file__).parent
+    for path in [lab_dir / "checkpoint.py", *(lab_dir / "hf").glob("*.py")]:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert not imported & {"lab.model", "lab.api", "lab.train"}, path
