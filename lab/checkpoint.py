@@ -301,6 +301,8 @@ def _tensor_dict(path: Path, state: Any) -> dict[str, torch.Tensor]:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory; pass a checkpoint directory")
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = directory / name
         if index.is_file():

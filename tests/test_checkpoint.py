@@ -183,6 +183,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(Config(**TINY).to_dict()))
     with pytest.raises(CheckpointError, match="has no weights"):
         GPT.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        load_weights(tiny_model(), tmp_path / "nowhere")
 
 
 def test_tied_weights_load_into_a_fresh_model(tmp_path):

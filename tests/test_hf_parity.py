@@ -180,6 +180,7 @@ def write_hf_config(tmp_path, **changes) -> None:
     "changes, match",
     [
         (dict(vocab_size=None), "has no integer vocab_size"),
+        (dict(num_hidden_layers=None), r"llama config\.json has no num_hidden_layers"),
         (
             dict(rope_parameters=dict(rope_type="llama3", factor=8.0, rope_theta=1e4)),
             r"incomplete 'llama3' rope scaling .*low_freq_factor",

@@ -58,6 +58,10 @@ def config_from_hf(config_json: dict[str, Any], config_class: type[Config] = Con
         value = _first(config_json, keys)
         if value is not None:
             values[name] = value
+        elif name in _REQUIRED:
+            raise CheckpointError(
+                f"this {model_type} config.json has no {' or '.join(keys)}; restore the file"
+            )
     for key, required in family.requires.items():
         value = config_json.get(key, required)
         _unsupported(value != required, model_type, key, value)
@@ -248,6 +252,8 @@ def _windows_from_hf(hf: dict[str, Any], family: Family, n_layer: int) -> dict[s
     return sliding_window_fields(window, sliding)
 
 
+# Fields a config.json must state (every other one has a default).
+_REQUIRED = ("n_layer", "n_embd", "n_head")
 # Fields that do not change what a model computes from its weights.
 _NOT_COMPARED = {
     "name",
