@@ -33,7 +33,8 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from lab.config import ConfigError
+from lab.errors import ConfigError
+from lab.hf.families import FAMILIES, alternating, sliding_window_fields
 
 # Keys of an entry that describe the model but are not Config fields.
 METADATA_KEYS = ("hf_config", "published_params")
@@ -60,18 +61,9 @@ def _family(org: str, base: dict[str, Any]) -> Callable[..., dict[str, Any]]:
     return make
 
 
-# --- shared layouts -------------------------------------------------------------------
+# --- shared layouts: each family's typical values (lab.hf.families) + what models share ---
 # LLaMA: pre-norm RMSNorm, gated SiLU MLP, full RoPE, no biases, untied head.
-LLAMA = dict(
-    positional="rope",
-    rope_base=10000.0,
-    rotary_percentage=1.0,
-    norm_class_name="RMSNorm",
-    norm_eps=1e-5,
-    mlp_class_name="GatedMLP",
-    activation="silu",
-    bias=False,
-)
+LLAMA = dict(FAMILIES["llama"].base, norm_eps=1e-5)
 LLAMA_3 = dict(LLAMA, vocab_size=128000, padded_vocab_size=128256, rope_base=500000.0)
 
 
@@ -86,69 +78,35 @@ def _llama3_scaling(factor: float) -> dict[str, Any]:
     }
 
 
-GEMMA = dict(
-    LLAMA,
-    block_size=8192,
-    vocab_size=256000,
-    norm_eps=1e-6,
-    norm_unit_offset=True,  # RMSNorm scales by (1 + weight)
-    activation="gelu_tanh",  # GeGLU: gelu_pytorch_tanh
-    tie_embeddings=True,
-    scale_embeddings=True,
-)
+# Gemma: RMSNorm scaling by (1 + weight), GeGLU (gelu_pytorch_tanh), scaled embeddings.
+GEMMA = dict(FAMILIES["gemma"].base, block_size=8192, vocab_size=256000)
 
 
 def _gemma2(n_layer: int, query_pre_attn_scalar: int) -> dict[str, Any]:
     """Gemma 2: sandwich norms, soft-capping, and local (sliding, 4096) attention on
     even layers alternating with global attention on odd ones (HF: layer 0 slides)."""
     return dict(
+        FAMILIES["gemma2"].fields,
         n_layer=n_layer,
-        post_attention_norm=True,
-        post_mlp_norm=True,
         attention_logit_softcapping=50.0,
         final_logit_softcapping=30.0,
         attention_scale=query_pre_attn_scalar**-0.5,
-        sliding_window_size=4096,
-        layer_overrides={i: {"sliding_window_size": None} for i in range(1, n_layer, 2)},
+        **sliding_window_fields(4096, alternating(n_layer)),
     )
 
 
-QWEN2 = dict(LLAMA, vocab_size=151643, attn_bias=True, norm_eps=1e-6, rope_base=1000000.0)
+QWEN2 = dict(FAMILIES["qwen2"].base, vocab_size=151643, rope_base=1000000.0)
 # GPT-2: learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied head.
-GPT2 = dict(
-    block_size=1024,
-    vocab_size=50257,
-    positional="learned",
-    norm_class_name="LayerNorm",
-    norm_eps=1e-5,
-    mlp_class_name="MLP",
-    activation="gelu_tanh",
-    bias=True,
-    tie_embeddings=True,
-)
+GPT2 = dict(FAMILIES["gpt2"].base, block_size=1024, vocab_size=50257, norm_eps=1e-5)
 # GPT-NeoX (Pythia): parallel attention and MLP, a quarter of each head rotated.
 NEOX = dict(
-    block_size=2048,
-    vocab_size=50254,
-    positional="rope",
-    rope_base=10000.0,
-    rotary_percentage=0.25,
-    parallel_residual=True,
-    norm_class_name="LayerNorm",
-    norm_eps=1e-5,
-    mlp_class_name="MLP",
-    activation="gelu",
-    bias=True,
+    FAMILIES["gpt_neox"].base, block_size=2048, vocab_size=50254, rope_base=10000.0, norm_eps=1e-5
 )
 # Phi-1.5 and Phi-2: parallel branches sharing one LayerNorm, a biased lm_head.
 PHI = dict(
-    NEOX,
-    vocab_size=50257,
-    padded_vocab_size=51200,
-    shared_attention_norm=True,
-    activation="gelu_tanh",
-    lm_head_bias=True,
-)
+    FAMILIES["phi"].base, block_size=2048, vocab_size=50257, padded_vocab_size=51200,
+    rope_base=10000.0, norm_eps=1e-5,
+)  # fmt: skip
 
 _gpt2 = _family("openai-community", GPT2)
 _pythia = _family("EleutherAI", NEOX)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab import registry
+from lab import checkpoint, registry
 from lab.config import Config
 
 # --- activations, norms ---------------------------------------------------------------
@@ -412,16 +412,13 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs) -> GPT:
-        """Load a ``lab`` or Hugging Face checkpoint directory (see ``lab.checkpoint``)."""
-        from lab.checkpoint import load_pretrained
-
-        return load_pretrained(directory, model_class=cls, **kwargs)
+        """Load a ``lab`` or Hugging Face checkpoint directory; ``kwargs`` (``config_class``,
+        ``device``, ``dtype``) go to ``lab.checkpoint.load_pretrained``, which knows the files."""
+        return checkpoint.load_pretrained(directory, model_class=cls, **kwargs)
 
     def save_pretrained(self, directory, format: str = "lab") -> None:
         """Write a checkpoint directory, atomically; ``format="hf"`` for transformers."""
-        from lab.checkpoint import save_pretrained
-
-        save_pretrained(self, directory, format=format)
+        checkpoint.save_pretrained(self, directory, format=format)
 
     def reset_parameters(self) -> None:
         """Initialise every weight (also after ``to_empty`` on a meta-device model)."""

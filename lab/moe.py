@@ -62,8 +62,7 @@ transformers >= 5 in memory                 hub checkpoint (safetensors)   lab
 ``...mlp.experts.down_proj`` (E, C, I)      ``experts.e.w2``               ``experts.fc_2``
 ==========================================  =============================  =============
 
-transformers 5 tensors copy unchanged; hub per-expert tensors go through
-``stack_hf_mixtral_experts`` / ``unstack_hf_mixtral_experts``.
+transformers 5 tensors copy unchanged; ``lab.hf.weights`` stacks hub per-expert tensors.
 
 Routing records: set ``layer.record_routing = True`` (or use ``routing_records(model)``)
 and each forward pass keeps a ``RoutingRecord`` of the last batch in ``layer.routing``.
@@ -72,7 +71,7 @@ and each forward pass keeps a ``RoutingRecord`` of the last batch in ``layer.rou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -414,23 +413,3 @@ def routing_records(model: nn.Module) -> Iterator[dict[str, RoutingRecord]]:
             if layer.routing is not None:
                 records[name] = layer.routing
             layer.record_routing, layer.routing = before[name], None
-
-
-def stack_hf_mixtral_experts(
-    w1: Sequence[torch.Tensor], w2: Sequence[torch.Tensor], w3: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hub Mixtral per-expert weights -> (``experts.fc_1``, ``experts.fc_2``).
-
-    ``w1[e]`` (I, C) is the gate, ``w3[e]`` (I, C) the up and ``w2[e]`` (C, I) the down
-    projection of expert e (``block_sparse_moe.experts.{e}.w{1,2,3}.weight``).
-    """
-    fc_1 = torch.stack([torch.cat([gate, up]) for gate, up in zip(w1, w3, strict=True)])
-    return fc_1, torch.stack(list(w2))
-
-
-def unstack_hf_mixtral_experts(
-    fc_1: torch.Tensor, fc_2: torch.Tensor
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(``experts.fc_1``, ``experts.fc_2``) -> hub Mixtral ``(w1, w2, w3)`` lists."""
-    gate, up = fc_1.chunk(2, dim=1)
-    return list(gate.unbind(0)), list(fc_2.unbind(0)), list(up.unbind(0))

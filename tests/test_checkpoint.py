@@ -3,9 +3,11 @@ clear errors for mismatches, atomic saves, and no unpickling."""
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from safetensors import safe_open
 
 import lab.checkpoint
 from lab import GPT, Config
-from lab.checkpoint import CheckpointError, load_pretrained, load_state, read_tensors
+from lab.checkpoint import CheckpointError, load_pretrained, load_state, load_weights, read_tensors
 
 TINY = dict(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, vocab_size=61, block_size=32)
 
@@ -65,7 +67,7 @@ def test_config_subclass_is_rebuilt(tmp_path):
     loaded = GPT.from_pretrained(tmp_path)
     assert type(loaded.config) is MyConfig and loaded.config.custom_param == 0.5
     with pytest.raises(CheckpointError, match="config_class=YourConfig"):
-        load_pretrained(tmp_path, config_class=Config)  # Config has no custom_param
+        load_pretrained(tmp_path, GPT, config_class=Config)  # Config has no custom_param
 
 
 def test_dtype_follows_the_checkpoint_unless_asked(tmp_path):
@@ -165,8 +167,9 @@ def test_pickled_weights_are_never_unpickled(tmp_path):
     assert_same_state(GPT.from_pretrained(tmp_path), model)  # plain tensors load
 
     torch.save({"weights": _Payload()}, tmp_path / "model.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"model\.pt is corrupt or holds objects") as error:
         GPT.from_pretrained(tmp_path)
+    assert isinstance(error.value.__cause__, pickle.UnpicklingError)
     assert not _Payload.ran
 
 
@@ -180,3 +183,128 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(Config(**TINY).to_dict()))
     with pytest.raises(CheckpointError, match="has no weights"):
         GPT.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        load_weights(tiny_model(), tmp_path / "nowhere")
+
+
+def test_tied_weights_load_into_a_fresh_model(tmp_path):
+    """``load_weights`` fills both names of a tied tensor stored once (fit's old reader
+    raised a raw RuntimeError for the missing ``lm_head.weight``)."""
+    model = tiny_model(tie_embeddings=True)
+    model.save_pretrained(tmp_path)
+    fresh = GPT(Config(**TINY, tie_embeddings=True))
+    assert load_weights(fresh, tmp_path) is fresh
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    assert_same_state(fresh, model)
+
+
+def _break(tmp_path, name: str, data: bytes) -> None:
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / name).write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    "name, data, reason",
+    [
+        ("model.safetensors", b"\x13\x00\x00", "truncated"),
+        ("model.safetensors", bytes(range(256)) * 64, "random bytes"),
+        ("model.safetensors", b"", "empty"),
+        ("model.pt", b"PK\x03\x04 not really a zip", "corrupt torch file"),
+    ],
+)
+def test_corrupt_weights_name_the_file(tmp_path, name, data, reason):
+    _break(tmp_path, name, data)
+    if name != "model.safetensors":  # model.safetensors is read first
+        (tmp_path / "model.safetensors").unlink()
+    for load in (GPT.from_pretrained, lambda d: load_weights(tiny_model(), d)):
+        with pytest.raises(
+            CheckpointError, match=rf"{name} cannot be read .* truncated or corrupt"
+        ):
+            load(tmp_path)
+
+
+def test_truncated_tensor_data_names_the_file(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # header intact, data cut short
+    with pytest.raises(CheckpointError, match=r"model\.safetensors cannot be read"):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b'{"n_layer": 2, ', r"config\.json is not readable JSON"),
+        (b"\xff\xfe{}", r"config\.json is not readable JSON"),
+        (b"[1, 2]", r"config\.json holds a JSON list, not an object"),
+    ],
+)
+def test_broken_config_json_names_the_file(tmp_path, data, match):
+    _break(tmp_path, "config.json", data)
+    with pytest.raises(CheckpointError, match=match):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_invalid_config_values_name_the_file(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_head": 0}))
+    with pytest.raises(CheckpointError, match=r"config\.json does not describe a valid config"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_sharded_checkpoint_faults_name_the_index(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00002.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    index.write_text(json.dumps({"weight_map": shards}))
+    with pytest.raises(CheckpointError, match=r"index\.json lists shards .*model-00002-of-00002"):
+        GPT.from_pretrained(tmp_path)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"index\.json has no weight_map"):
+        GPT.from_pretrained(tmp_path)
+    index.write_text("{")
+    with pytest.raises(CheckpointError, match=r"index\.json is not readable JSON"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_a_torch_file_without_a_state_dict_is_refused(tmp_path):
+    model = tiny_model()
+    Config.save(model.config, tmp_path / "config.json")
+    torch.save([torch.zeros(2)], tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"model\.pt does not hold a state dict"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_tied_tensors_stored_under_both_names(tmp_path):
+    """A plain ``torch.save(model.state_dict())`` stores a tied tensor under both
+    names; equal copies load, different ones are refused with the reason."""
+    model = tiny_model(tie_embeddings=True)
+    Config.save(model.config, tmp_path / "config.json")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert_same_state(GPT.from_pretrained(tmp_path), model)
+
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    state["lm_head.weight"] += 1
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"different lm_head\.weight and .*tie_embeddings"):
+        GPT.from_pretrained(tmp_path)
+    untied = GPT(Config(**TINY, tie_embeddings=False))
+    tensors, _ = read_tensors(tmp_path)
+    load_state(untied, tensors)
+    assert torch.equal(untied.lm_head.weight, state["lm_head.weight"])
+
+
+def test_the_checkpoint_layer_does_not_import_the_model():
+    """Dependencies run one way, model -> checkpoint -> hf: neither file layer imports
+    the model (``GPT.from_pretrained`` passes itself as ``model_class``)."""
+    lab_dir = Path(lab.checkpoint.__file__).parent
+    for path in [lab_dir / "checkpoint.py", *(lab_dir / "hf").glob("*.py")]:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert not imported & {"lab.model", "lab.api", "lab.train"}, path

@@ -12,6 +12,7 @@ import torch
 
 from lab import GPT, Config, ConfigError
 from lab.configs import METADATA_KEYS, configs, hf_config_of, named_config, register_config
+from lab.hf import FAMILIES, config_from_hf, config_to_hf, hf_model_type
 
 NAMES = sorted(configs)
 
@@ -147,3 +148,18 @@ def test_hf_config_of():
     assert hf_config_of("Llama-3-8B") == {"org": "meta-llama", "name": "Meta-Llama-3-8B"}
     with pytest.raises(ConfigError, match="did you mean"):
         hf_config_of("Llama-3-8b")
+
+
+@pytest.mark.parametrize("name", ["Gemma-2-2b", "Llama-3.2-1B", "pythia-70m", "phi-2", "gpt2"])
+def test_named_configs_build_on_their_family_record(name):
+    """A named architecture starts from its Hugging Face family's record, so the two
+    cannot disagree: every value the family implies holds, and Gemma 2's alternating
+    windows are the rule that reads a config.json without ``layer_types``."""
+    config = Config.from_name(name)
+    family = FAMILIES[hf_model_type(config)]
+    assert {key: getattr(config, key) for key in family.fields} == family.fields
+    config_json = config_to_hf(config)
+    config_json.pop("layer_types", None)
+    again = config_from_hf(config_json)
+    windows = [config.for_layer(i).sliding_window_size for i in range(config.n_layer)]
+    assert [again.for_layer(i).sliding_window_size for i in range(config.n_layer)] == windows

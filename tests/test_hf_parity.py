@@ -4,14 +4,21 @@ in a form `transformers` loads, exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
+import lab
 from lab import GPT, Config
-from lab.checkpoint import FAMILIES, CheckpointError, config_to_hf, hf_model_type, save_pretrained
+from lab.checkpoint import save_pretrained
+from lab.errors import CheckpointError
+from lab.hf import FAMILIES, Layout, config_to_hf, hf_model_type
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -158,3 +165,72 @@ def test_hf_weights_not_matching_their_config_are_listed(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"missing \(9\): model\.layers\.2\."):
         GPT.from_pretrained(tmp_path)
+
+
+def write_hf_config(tmp_path, **changes) -> None:
+    """A tiny Llama checkpoint whose config.json is edited by ``changes`` (None deletes)."""
+    hf_model("llama", LLAMA_LIKE).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(vocab_size=None), "has no integer vocab_size"),
+        (dict(num_hidden_layers=None), r"llama config\.json has no num_hidden_layers"),
+        (
+            dict(rope_parameters=dict(rope_type="llama3", factor=8.0, rope_theta=1e4)),
+            r"incomplete 'llama3' rope scaling .*low_freq_factor",
+        ),
+        (dict(num_attention_heads=0), r"config\.json does not describe a valid config"),
+        (dict(attention_bias=True, mlp_bias=False), "attention_bias != mlp_bias"),
+        (dict(model_type="bert"), r"model_type 'bert' is not supported"),
+    ],
+)
+def test_bad_hf_config_json_is_a_checkpoint_error(tmp_path, changes, match):
+    write_hf_config(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=match):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_config_no_family_expresses_names_the_closest():
+    config = Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, norm_qk=True, bias=True)
+    with pytest.raises(
+        CheckpointError, match=r"express this config; the closest, 'llama', differs in norm_qk=True"
+    ):
+        hf_model_type(config)
+
+
+def test_a_new_family_is_one_entry(tmp_path, monkeypatch):
+    """Adding a family is one record in the table: here a Llama with other tensor
+    names, written and read back exactly without touching any other code."""
+    family = dataclasses.replace(
+        FAMILIES["llama"],
+        architecture="RenamedLlamaForCausalLM",
+        layout=Layout(base="decoder.", layers="blocks", qkv=("attn.wq", "attn.wk", "attn.wv")),
+    )
+    monkeypatch.setitem(FAMILIES, "renamed_llama", family)
+    torch.manual_seed(0)
+    model = GPT(Config(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, vocab_size=50))
+    save_pretrained(model, tmp_path, format="hf", model_type="renamed_llama")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "renamed_llama"
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "decoder.blocks.1.attn.wk.weight" in set(f.keys())
+    again = GPT.from_pretrained(tmp_path)
+    assert again.config.replace(name=model.config.name) == model.config
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_family_knowledge_lives_in_the_family_table():
+    """No ``model_type ==`` branch outside ``lab/hf/families.py``."""
+    lab_dir = Path(lab.__file__).parent
+    offenders = [
+        str(path.relative_to(lab_dir))
+        for path in lab_dir.rglob("*.py")
+        if re.search(r"model_type\s*[!=]=", path.read_text()) and path.name != "families.py"
+    ]
+    assert offenders == []
