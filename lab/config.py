@@ -80,12 +80,14 @@ class Config:
     shared_attention_norm: bool = False  # parallel branches share norm_1 (Phi-2)
     post_attention_norm: bool = False  # norm the attention output (Gemma 2 "sandwich")
     post_mlp_norm: bool = False  # norm the MLP output (Gemma 2)
+    pre_norm: bool = True  # norm each branch's input; False with the post norms: OLMo 2
     # --- attention ----------------------------------------------------------------
     rope_base: float = 10000.0
     rotary_percentage: float = 1.0  # fraction of each head that is rotated
     rope_scaling: dict[str, Any] | None = None  # {"type": "llama3"|"linear"|"ntk"|"yarn", ...}
     sliding_window_size: int | None = None  # attend to at most this many past tokens
-    norm_qk: bool = False  # RMSNorm on queries and keys per head (Qwen3, Gemma 3)
+    norm_qk: bool = False  # RMSNorm on queries and keys (Qwen3, Gemma 3, OLMo 2) ...
+    norm_qk_per_head: bool = True  # ... per head, or False: over all heads at once (OLMo 2)
     attention_scale: float | None = None  # softmax scale; 1/sqrt(head_size) if None
     attention_logit_softcapping: float | None = None  # tanh cap on scores (Gemma 2)
     final_logit_softcapping: float | None = None  # tanh cap on logits (Gemma 2)
