@@ -80,12 +80,14 @@ class Config:
     shared_attention_norm: bool = False  # parallel branches share norm_1 (Phi-2)
     post_attention_norm: bool = False  # norm the attention output (Gemma 2 "sandwich")
     post_mlp_norm: bool = False  # norm the MLP output (Gemma 2)
+    pre_norm: bool = True  # norm each branch's input; False with the post norms: OLMo 2
     # --- attention ----------------------------------------------------------------
     rope_base: float = 10000.0
     rotary_percentage: float = 1.0  # fraction of each head that is rotated
     rope_scaling: dict[str, Any] | None = None  # {"type": "llama3"|"linear"|"ntk"|"yarn", ...}
     sliding_window_size: int | None = None  # attend to at most this many past tokens
-    norm_qk: bool = False  # RMSNorm on queries and keys per head (Qwen3, Gemma 3)
+    norm_qk: bool = False  # RMSNorm on queries and keys (Qwen3, Gemma 3, OLMo 2) ...
+    norm_qk_per_head: bool = True  # ... per head, or False: over all heads at once (OLMo 2)
     attention_scale: float | None = None  # softmax scale; 1/sqrt(head_size) if None
     attention_logit_softcapping: float | None = None  # tanh cap on scores (Gemma 2)
     final_logit_softcapping: float | None = None  # tanh cap on logits (Gemma 2)
@@ -98,6 +100,12 @@ class Config:
     moe_aux_loss_coef: float = 0.0  # Switch load-balancing loss weight
     moe_z_loss_coef: float = 0.0  # router z-loss weight
     moe_capacity_factor: float | None = None  # None: dropless
+    moe_n_group: int = 1  # experts form this many groups ... (DeepSeek-V3)
+    moe_topk_group: int = 1  # ... and a token routes within its best this-many groups
+    moe_routed_scaling: float = 1.0  # routed experts' gates are scaled by this (DeepSeek-V3)
+    moe_bias: bool = False  # router and experts have biases (GPT-OSS)
+    moe_swiglu_limit: float | None = None  # GPT-OSS's clamped SwiGLU experts, clamped here
+    shared_expert_gate: bool = False  # a sigmoid gate scales the shared experts (Qwen2/3-MoE)
     # --- per-layer overrides ----------------------------------------------------------
     # {layer index: {field: value}}, e.g. {0: {"mlp_class_name": "GatedMLP"}} for a dense
     # first layer in an MoE model, or sliding windows on every other layer.
@@ -242,9 +250,57 @@ class Config:
             "moe_capacity_factor",
             f"moe_capacity_factor ({self.moe_capacity_factor}) must be > 0 or None (dropless)",
         )
+        self._check_expert_groups()
         registry.activation.get(self.activation)
         for getter in ("attention_class", "mlp_class", "norm_class", "positional_class"):
             getattr(self, getter)  # resolving a name validates it
+
+    def _check_expert_groups(self) -> None:
+        """Group-limited routing, routed scaling and GPT-OSS's clamp (MoE variants)."""
+        _require_positive_int("moe_n_group", self.moe_n_group)
+        _require_positive_int("moe_topk_group", self.moe_topk_group)
+        _require(
+            self.moe_topk_group <= self.moe_n_group,
+            "moe_topk_group",
+            f"moe_topk_group ({self.moe_topk_group}) must be at most moe_n_group "
+            f"({self.moe_n_group})",
+        )
+        if self.moe_n_group > 1 and self.mlp_class_name == "MoE":
+            per_group = self.n_expert // self.moe_n_group
+            _require(
+                self.n_expert % self.moe_n_group == 0 and per_group >= 2,
+                "moe_n_group",
+                f"moe_n_group ({self.moe_n_group}) must divide n_expert ({self.n_expert}) into "
+                "groups of at least 2 experts (a group is scored by its two best experts)",
+            )
+            _require(
+                self.router == "sigmoid_bias",
+                "moe_n_group",
+                f"group-limited routing (moe_n_group={self.moe_n_group}) is DeepSeek-V3's, "
+                f"for router='sigmoid_bias'; router is {self.router!r}",
+            )
+            _require(
+                self.n_expert_per_token <= self.moe_topk_group * per_group,
+                "moe_topk_group",
+                f"n_expert_per_token ({self.n_expert_per_token}) experts cannot be found in "
+                f"moe_topk_group ({self.moe_topk_group}) groups of {per_group}; raise "
+                "moe_topk_group",
+            )
+        _require(
+            isinstance(self.moe_routed_scaling, (int, float)) and self.moe_routed_scaling > 0,
+            "moe_routed_scaling",
+            f"moe_routed_scaling ({self.moe_routed_scaling}) must be a number > 0",
+        )
+        _require(
+            self.moe_swiglu_limit is None or self.moe_swiglu_limit > 0,
+            "moe_swiglu_limit",
+            f"moe_swiglu_limit ({self.moe_swiglu_limit}) must be > 0 or None",
+        )
+        _require(
+            not self.shared_expert_gate or self.n_shared_expert > 0,
+            "shared_expert_gate",
+            "shared_expert_gate=True gates the shared experts, but n_shared_expert is 0",
+        )
 
     # --- derived values and components -------------------------------------------------
     @property

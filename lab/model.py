@@ -189,9 +189,15 @@ class CausalSelfAttention(nn.Module):
         attn_bias = config.bias if config.attn_bias is None else config.attn_bias
         self.attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=attn_bias)
         self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
-        if config.norm_qk:
-            self.norm_q = RMSNorm(config.head_size, eps=config.norm_eps)
-            self.norm_k = RMSNorm(config.head_size, eps=config.norm_eps)
+        if config.norm_qk:  # per head (Qwen3, Gemma 3), or over all heads at once (OLMo 2)
+            q_size, k_size = (
+                (config.head_size, config.head_size)
+                if config.norm_qk_per_head
+                else self.qkv_sizes[:2]
+            )
+            offset = config.norm_unit_offset
+            self.norm_q = RMSNorm(q_size, eps=config.norm_eps, unit_offset=offset)
+            self.norm_k = RMSNorm(k_size, eps=config.norm_eps, unit_offset=offset)
         positional = config.positional_class
         self.positional = positional(config) if positional.level == "attention" else None
         self.scale = config.attention_scale or 1.0 / math.sqrt(config.head_size)
@@ -221,10 +227,13 @@ class CausalSelfAttention(nn.Module):
         """Project and split: q (B, T, nh, hs), k and v (B, T, ng, hs)."""
         B, T, _ = x.shape
         q, k, v = self.attn(x).split(self.qkv_sizes, dim=-1)
+        norm_whole = self.config.norm_qk and not self.config.norm_qk_per_head
+        if norm_whole:
+            q, k = self.norm_q(q), self.norm_k(k)
         q = q.view(B, T, self.n_head, self.head_size)
         k = k.view(B, T, self.n_query_groups, self.head_size)
         v = v.view(B, T, self.n_query_groups, self.head_size)
-        if self.config.norm_qk:
+        if self.config.norm_qk and not norm_whole:
             q, k = self.norm_q(q), self.norm_k(k)
         return q, k, v
 
@@ -348,15 +357,19 @@ def _expand(x: torch.Tensor, n_head: int) -> torch.Tensor:
 
 @registry.block.register("Block")
 class Block(nn.Module):
-    """Attention then MLP, each on a normed input and added to the residual stream."""
+    """Attention then MLP, each on a normed input and added to the residual stream.
+
+    ``pre_norm=False`` drops the input norms: with ``post_attention_norm`` and
+    ``post_mlp_norm`` that is OLMo 2's layout, ``x + norm(attn(x))``; with both pre- and
+    post-norms it is Gemma 2 and 3's "sandwich"."""
 
     def __init__(self, config: Config, block_idx: int = 0) -> None:
         super().__init__()
         config = config.for_layer(block_idx)
         self.config = config
-        self.norm_1 = make_norm(config)
+        self.norm_1 = self.input_norm(config)
         self.attn = registry.build(config.attention_class, config, block_idx)
-        self.norm_2 = None if config.shared_attention_norm else make_norm(config)
+        self.norm_2 = None if config.shared_attention_norm else self.input_norm(config)
         self.mlp = registry.build(config.mlp_class, config, block_idx)
         self.post_attention_norm = make_norm(config) if config.post_attention_norm else None
         self.post_mlp_norm = make_norm(config) if config.post_mlp_norm else None
@@ -376,6 +389,11 @@ class Block(nn.Module):
             return x + h + self._mlp(mlp_in)
         x = x + h
         return x + self._mlp(self.norm_2(x))
+
+    @staticmethod
+    def input_norm(config: Config) -> nn.Module:
+        """The norm on a branch's input; none (identity) when ``pre_norm=False``."""
+        return make_norm(config) if config.pre_norm else nn.Identity()
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         y = self.mlp(x)

@@ -21,12 +21,18 @@ Routers (``config.router``):
   gated by ``s`` alone, renormalised over the k chosen. ``expert_bias`` is a buffer,
   not trained by gradients: after every forward pass in training mode it moves by
   ``bias_update_rate`` towards balance, ``b_i += rate * sign(mean_load - load_i)``.
-  DeepSeek-V3's group-limited routing and ``routed_scaling_factor`` are not included.
+  With ``moe_n_group > 1`` the choice is group-limited as in DeepSeek-V3: experts form
+  ``moe_n_group`` groups, each scored by the sum of its two best biased scores, and a
+  token picks its k experts within its ``moe_topk_group`` best groups.
 * ``"expert_choice"`` (Zhou et al. 2022): each expert picks its
   ``ceil(capacity_factor * N * k / E)`` highest-scoring tokens (softmax over experts)
   out of all N tokens in the batch. **Not causal**: whether a token is chosen depends
   on the other tokens of the batch, later positions included, so a model trained this
   way sees the future through routing and decodes differently from a full forward.
+
+Qwen3-MoE's renormalised top-k (softmax over all experts, top k, divided by their
+sum) equals ``"topk_softmax"``. ``moe_routed_scaling`` multiplies every routed gate
+(DeepSeek-V3's ``routed_scaling_factor``).
 
 Capacity (``moe_capacity_factor``, None = dropless): token-choice routers let each
 expert take at most ``ceil(factor * N * k / E)`` assignments; first choices of all
@@ -49,7 +55,12 @@ Weights: ``router`` is ``Linear(n_embd, n_expert, bias=False)``; experts are sta
 ``experts.fc_1`` (E, 2 * I, C) = ``[gate | up]`` per expert (like ``GatedMLP.fc_1``)
 and ``experts.fc_2`` (E, C, I), I = ``moe_intermediate_size``; shared experts are one
 ``GatedMLP`` of width ``n_shared_expert * I`` (equal to that many separate experts
-summed, as in DeepSeekMoE). Experts have no biases.
+summed, as in DeepSeekMoE); ``shared_expert_gate=True`` scales their output by
+``sigmoid(shared_gate(x))`` per token (Qwen2-MoE, Qwen3-Next). Experts have no biases,
+except with ``moe_bias=True`` (GPT-OSS): the router and both expert projections get
+biases (``experts.fc_1_bias`` (E, 2I), ``experts.fc_2_bias`` (E, C)).
+``moe_swiglu_limit`` selects GPT-OSS's clamped SwiGLU for the experts:
+``(clamp(up, -l, l) + 1) * g * sigmoid(1.702 g)`` with ``g = clamp(gate, max=l)``.
 
 Hugging Face Mixtral mapping (layer ``l``; ``lab`` names relative to
 ``transformer.h.{l}.mlp``):
@@ -149,11 +160,22 @@ def sort_by_expert(
     return dispatch, kept.view(k, N).t()
 
 
+SWIGLU_ALPHA = 1.702  # GPT-OSS's clamped SwiGLU: gate * sigmoid(1.702 * gate)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """GPT-OSS's expert nonlinearity: both halves clamped to ``limit`` (the gate from
+    above only), a sigmoid-approximated GELU on the gate, and ``up + 1``."""
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(SWIGLU_ALPHA * gate)
+
+
 class Experts(nn.Module):
     """``n_expert`` gated MLPs with stacked weights, run on tokens sorted by expert.
 
     ``fc_1[e]`` (2I, C) is ``[gate | up]``, ``fc_2[e]`` (C, I) the down projection:
-    expert e computes ``fc_2[e] @ (act(gate) * up)``. Each expert runs on its
+    expert e computes ``fc_2[e] @ (act(gate) * up)`` (or GPT-OSS's clamped SwiGLU when
+    ``swiglu_limit`` is set; ``bias=True`` adds per-expert biases to both). Each expert runs on its
     contiguous slice; with ``use_grouped_mm`` all slices go through one
     ``torch._grouped_mm`` call (auto: on CUDA in bf16 with compute capability >= 9 and
     widths in multiples of 16 bytes, where it is a real grouped kernel; on CPU in torch
@@ -162,28 +184,63 @@ class Experts(nn.Module):
 
     use_grouped_mm: bool | None = None  # None: auto
 
-    def __init__(self, n_expert: int, n_embd: int, intermediate_size: int, activation: str):
+    def __init__(
+        self,
+        n_expert: int,
+        n_embd: int,
+        intermediate_size: int,
+        activation: str,
+        bias: bool = False,
+        swiglu_limit: float | None = None,
+    ):
         super().__init__()
         self.fc_1 = nn.Parameter(torch.empty(n_expert, 2 * intermediate_size, n_embd))
         self.fc_2 = nn.Parameter(torch.empty(n_expert, n_embd, intermediate_size))
+        self.fc_1_bias = (
+            nn.Parameter(torch.empty(n_expert, 2 * intermediate_size)) if bias else None
+        )
+        self.fc_2_bias = nn.Parameter(torch.empty(n_expert, n_embd)) if bias else None
         self.act = registry.activation.get(activation)()
+        self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` (M, C) sorted by expert, ``counts`` (E,) rows per expert -> (M, C)."""
         if self._grouped(x):
             offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = _grouped_mm(x, self.fc_1, offsets).chunk(2, dim=-1)
-            return _grouped_mm(self.act(gate) * up, self.fc_2, offsets)
+            hidden = self._add_bias(_grouped_mm(x, self.fc_1, offsets), self.fc_1_bias, counts)
+            hidden = self._glu(*hidden.chunk(2, dim=-1))
+            return self._add_bias(_grouped_mm(hidden, self.fc_2, offsets), self.fc_2_bias, counts)
         # unbind, not fc_1[e]: each indexing's backward would write a full-size gradient
+        fc_1_bias, fc_2_bias = (
+            [None] * len(counts) if b is None else b.unbind(0)
+            for b in (self.fc_1_bias, self.fc_2_bias)
+        )
         weights = zip(
-            x.split(counts.tolist()), self.fc_1.unbind(0), self.fc_2.unbind(0), strict=True
+            x.split(counts.tolist()),
+            self.fc_1.unbind(0),
+            fc_1_bias,
+            self.fc_2.unbind(0),
+            fc_2_bias,
+            strict=True,
         )
         outputs = []
-        for x_e, fc_1, fc_2 in weights:
+        for x_e, fc_1, b_1, fc_2, b_2 in weights:
             if len(x_e):
-                gate, up = F.linear(x_e, fc_1).chunk(2, dim=-1)
-                outputs.append(F.linear(self.act(gate) * up, fc_2))
+                hidden = self._glu(*F.linear(x_e, fc_1, b_1).chunk(2, dim=-1))
+                outputs.append(F.linear(hidden, fc_2, b_2))
         return torch.cat(outputs)
+
+    def _glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.swiglu_limit is not None:
+            return clamped_swiglu(gate, up, self.swiglu_limit)
+        return self.act(gate) * up
+
+    @staticmethod
+    def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
+        """Each row of ``y`` plus its expert's bias (rows grouped by ``counts``)."""
+        if bias is None:
+            return y
+        return y + bias.repeat_interleave(counts, dim=0, output_size=y.size(0))
 
     def _grouped(self, x: torch.Tensor) -> bool:
         if self.use_grouped_mm is not None:
@@ -231,12 +288,22 @@ class MoE(nn.Module):
         self.router_type = config.router
         self.capacity_factor = config.moe_capacity_factor
         hidden = config.moe_intermediate_size or config.intermediate_size
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = Experts(config.n_expert, config.n_embd, hidden, config.activation)
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=config.moe_bias)
+        self.experts = Experts(
+            config.n_expert,
+            config.n_embd,
+            hidden,
+            config.activation,
+            bias=config.moe_bias,
+            swiglu_limit=config.moe_swiglu_limit,
+        )
         self.shared_experts = (
             GatedMLP(config, intermediate_size=config.n_shared_expert * hidden)
             if config.n_shared_expert
             else None
+        )
+        self.shared_gate = (
+            nn.Linear(config.n_embd, 1, bias=False) if config.shared_expert_gate else None
         )
         if self.router_type == "sigmoid_bias":
             self.register_buffer("expert_bias", torch.zeros(config.n_expert))
@@ -252,6 +319,11 @@ class MoE(nn.Module):
         nn.init.normal_(self.router.weight, std=std)
         nn.init.normal_(self.experts.fc_1, std=std)
         nn.init.normal_(self.experts.fc_2, std=down_std)
+        for bias in (self.router.bias, self.experts.fc_1_bias, self.experts.fc_2_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
         if self.shared_experts is not None:
             nn.init.normal_(self.shared_experts.fc_1.weight, std=std)
             nn.init.normal_(self.shared_experts.fc_2.weight, std=down_std)
@@ -277,7 +349,10 @@ class MoE(nn.Module):
         y = y * dispatch.gates.to(y.dtype)[:, None]
         out = torch.zeros_like(x).index_add_(0, dispatch.tokens, y)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            shared = self.shared_experts(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         losses = self._losses(logits, probs, selected_counts)
         if self.training and self.router_type == "sigmoid_bias":
             self._update_bias(selected_counts)
@@ -289,6 +364,12 @@ class MoE(nn.Module):
         self, logits: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token choice: router probabilities (N, E), expert indices and gates (N, k)."""
+        probs, indices, gates = self._token_choice(logits)
+        return probs, indices, gates * self.config.moe_routed_scaling
+
+    def _token_choice(
+        self, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.router_type == "topk_softmax":
             top_logits, indices = logits.topk(self.k, dim=-1)
             return logits.softmax(dim=-1), indices, top_logits.softmax(dim=-1)
@@ -297,10 +378,23 @@ class MoE(nn.Module):
             gates, indices = probs.topk(self.k, dim=-1)
             return probs, indices, gates
         scores = logits.sigmoid()  # sigmoid_bias: the bias picks experts, never gates them
-        indices = (scores + self.expert_bias).topk(self.k, dim=-1).indices
+        indices = self._limit_to_groups(scores + self.expert_bias).topk(self.k, dim=-1).indices
         gates = scores.gather(-1, indices)
         probs = scores / scores.sum(dim=-1, keepdim=True)
         return probs, indices, gates / gates.sum(dim=-1, keepdim=True)
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's group-limited routing: ``choice`` (N, E) with every expert outside
+        the token's ``moe_topk_group`` best groups set to -inf (a group scores the sum of
+        its two best experts)."""
+        n_group = self.config.moe_n_group
+        if n_group == 1:
+            return choice
+        grouped = choice.view(-1, n_group, self.n_expert // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, n_group)
+        best = group_scores.topk(self.config.moe_topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     def choose_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, Dispatch]:
         """Expert choice: each expert takes its top-capacity tokens by softmax score."""

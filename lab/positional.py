@@ -186,13 +186,30 @@ def rope_frequencies(n_elem: int, base: float, scaling: dict | None) -> tuple[to
     def dim_for(rotations: float) -> float:
         return n_elem * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    lo = max(math.floor(dim_for(beta_fast)), 0)
-    hi = min(math.ceil(dim_for(beta_slow)), n_elem - 1)
+    lo, hi = dim_for(beta_fast), dim_for(beta_slow)
+    if scaling.get("truncate", True):  # GPT-OSS keeps the fractional ramp ends
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, n_elem - 1)
     ramp = ((torch.arange(n_elem // 2, device="cpu") - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
     extrapolate = 1 - ramp
     inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
-    attention_factor = scaling.get("attention_factor") or 0.1 * math.log(factor) + 1.0
-    return inv_freq, float(attention_factor)
+    return inv_freq, yarn_attention_factor(scaling)
+
+
+def yarn_attention_factor(scaling: dict) -> float:
+    """YaRN's factor on cos and sin: ``attention_factor`` if given, else
+    ``0.1 ln(factor) + 1``, or with DeepSeek's ``mscale``/``mscale_all_dim`` the ratio of
+    two such terms (1 when they are equal: DeepSeek-V3 scales its softmax instead)."""
+    if scaling.get("attention_factor"):
+        return float(scaling["attention_factor"])
+    factor = float(scaling.get("factor", 1.0))
+
+    def mscale(weight: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
+    return mscale(1.0)
 
 
 @registry.positional.register("alibi")
