@@ -12,14 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab import GPT, Config
-from lab.adapter import (
-    AdapterError,
-    apply_adapter,
-    load_adapter,
-    mark_only_adapter_as_trainable,
-    save_adapter,
-)
-from lab.adapter_v2 import AdapterV2Linear, apply_adapter_v2
+from lab.errors import AdapterError
+from lab.finetune.adapter import apply_adapter
+from lab.finetune.adapter_v2 import AdapterV2Linear, apply_adapter_v2
+from lab.finetune.core import load_adapter, mark_only_adapter_as_trainable, save_adapter
 from lab.generate import generate
 from lab.profile import trainable_parameters
 
@@ -124,7 +120,7 @@ def test_kv_cache_decoding_equals_full_recompute(method: str, variant: str) -> N
 
 
 def test_prefix_keys_are_computed_once_per_generation(monkeypatch) -> None:
-    from lab import adapter
+    from lab.finetune import adapter
 
     model = apply_adapter(base_model(), prompt_length=3, start_layer=1)
     perturb(model)
@@ -246,7 +242,7 @@ def test_bad_arguments_fail_clearly() -> None:
 
 
 def test_guide_adapter_config_pattern() -> None:
-    from lab.adapter import GPT as AdapterGPT
+    from lab.finetune.adapter import GPT as AdapterGPT
     from lab.config import Config as BaseConfig
 
     @dataclass
