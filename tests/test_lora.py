@@ -188,6 +188,7 @@ def test_dropout_only_in_training() -> None:
     randomise_B(model)
     x = tokens()
     with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # applied to a model in eval mode: no dropout
         model.eval()
         assert torch.equal(model(x), model(x))
         model.train()

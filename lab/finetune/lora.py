@@ -120,8 +120,9 @@ class LoRALinear(nn.Linear):
             raise AdapterError("enabled has no True entry: no part would be adapted")
         self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout.train(self.training)  # a model in eval mode stays in eval mode
         kwargs = dict(device=self.weight.device, dtype=self.weight.dtype)
-        adapted_out = sum(self._adapted_parts())
+        adapted_out = sum(self.adapted_parts())
         self.lora_A = nn.Parameter(torch.empty(sum(self.enabled) * r, self.in_features, **kwargs))
         self.lora_B = nn.Parameter(torch.zeros(adapted_out, r, **kwargs))
         self.merged = False
@@ -147,11 +148,12 @@ class LoRALinear(nn.Linear):
         pairs = zip(self.lora_A.split(self.r, 0), self._split_B(), strict=True)
         return self._with_zeros([b @ a for a, b in pairs], 0) * self.scaling
 
-    def _adapted_parts(self) -> list[int]:
+    def adapted_parts(self) -> list[int]:
+        """The sizes of the adapted parts of the output, in order (one B_i each)."""
         return [p for p, on in zip(self.parts, self.enabled, strict=True) if on]
 
     def _split_B(self) -> tuple[torch.Tensor, ...]:
-        return self.lora_B.split(self._adapted_parts())
+        return self.lora_B.split(self.adapted_parts())
 
     def _with_zeros(self, adapted: list[torch.Tensor], dim: int) -> torch.Tensor:
         """The adapted parts' outputs concatenated along ``dim``, with zeros in place of
