@@ -4,6 +4,8 @@ fine-tuning, adapter-only checkpoints."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,6 +219,22 @@ def test_adapter_checkpoint_round_trip_from_pretrained(tmp_path) -> None:
     merge_lora(model)
     with pytest.raises(AdapterError, match="unmerge"):
         save_adapter(model, tmp_path / "merged")
+
+
+def test_adapters_saved_before_the_keywords_were_renamed_load(tmp_path) -> None:
+    """lab-adapter/1 files spelled lora_alpha and lora_dropout "alpha" and "dropout"."""
+    model = apply_lora(base_model(), r=2, lora_alpha=4.0, lora_dropout=0.1, targets=["value"])
+    randomise_B(model)
+    save_adapter(model, tmp_path / "lora")
+    path = tmp_path / "lora" / "adapter.json"
+    settings = json.loads(path.read_text())
+    settings["format"] = "lab-adapter/1"
+    settings["methods"]["lora"] = {"r": 2, "alpha": 4.0, "dropout": 0.1, "targets": ["value"]}
+    path.write_text(json.dumps(settings))
+    restored = load_adapter(base_model(), tmp_path / "lora")
+    assert restored.adapters == model.adapters
+    with torch.no_grad():
+        assert torch.equal(restored(tokens()), model(tokens()))
 
 
 def test_bad_arguments_fail_clearly() -> None:

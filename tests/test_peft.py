@@ -19,6 +19,10 @@ from lab.finetune.peft import CONFIG_FILE, WEIGHTS_FILE, load_peft, save_peft
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
+pytestmark = [  # peft's notes on tied heads and saved embeddings; transformers' deprecations
+    pytest.mark.filterwarnings("ignore::UserWarning:peft"),
+    pytest.mark.filterwarnings("ignore::FutureWarning:transformers"),
+]
 
 LLAMA_LIKE = dict(
     n_layer=2, n_embd=32, n_head=4, n_query_groups=2, vocab_size=50, block_size=32,
