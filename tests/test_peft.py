@@ -132,6 +132,9 @@ def test_what_lab_cannot_express_is_refused(tmp_path) -> None:
                 target_modules=".*q_proj")  # fmt: skip
     with pytest.raises(AdapterError, match="regular expression"):
         load_peft(base_model(False), tmp_path / "peft")
+    edit_config(tmp_path / "peft", target_modules=["qkv_proj"])  # Phi-3's fused q, k, v
+    with pytest.raises(AdapterError, match=r"\['qkv_proj'\] .* no lab LoRA target"):
+        load_peft(base_model(False), tmp_path / "peft", model_type="phi3")
     edit_config(tmp_path / "peft", target_modules=["q_proj"])
     (tmp_path / "peft" / WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(AdapterError, match=WEIGHTS_FILE):
@@ -144,6 +147,8 @@ def test_what_lab_cannot_express_is_refused(tmp_path) -> None:
         save_peft(phi3, tmp_path / "phi3", model_type="phi3")
     with pytest.raises(AdapterError, match="no LoRA"):
         save_peft(base_model(False), tmp_path / "none")
+    with pytest.raises(AdapterError, match="not a lab GPT"):
+        load_peft(torch.nn.Linear(2, 2), tmp_path / "peft")
 
 
 def edit_config(directory, **changes) -> None:

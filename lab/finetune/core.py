@@ -87,7 +87,11 @@ def register_method(
 
         @functools.wraps(apply)
         def apply_method(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-            bound = signature.bind(model, *args, **kwargs)
+            try:
+                bound = signature.bind(model, *args, **kwargs)
+            except TypeError as error:
+                settings = ", ".join(list(signature.parameters)[1:])
+                raise AdapterError(f"{error}; the settings of {name} are: {settings}") from None
             bound.apply_defaults()
             settings = dict(list(bound.arguments.items())[1:])  # all but the model
             try:

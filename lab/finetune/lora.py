@@ -5,7 +5,7 @@ A frozen linear layer ``W`` (out, in) learns a low-rank update instead of itself
     y = W x + b + (lora_alpha / r) * B A dropout(x)      A (r, in) random, B (out, r) zero
 
 so at initialisation ``B A = 0`` and the model is unchanged, and only ``r (in + out)``
-values per layer train. ``merge_lora`` folds ``(alpha / r) B A`` into ``W`` for
+values per layer train. ``merge_lora`` folds ``(lora_alpha / r) B A`` into ``W`` for
 inference at no extra cost; ``unmerge_lora`` takes it out again.
 
 The fused QKV projection ``attn`` (``[Q | K | V]``, GQA sizes ``nh hs | ng hs | ng hs``)

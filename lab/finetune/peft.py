@@ -38,13 +38,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lab.checkpoint import FAMILIES, Layout, atomic_directory, hf_model_type
+from lab.config import Config
 from lab.errors import AdapterError
-from lab.finetune.lora import TARGETS, LoRALinear, apply_lora, lora_layers
+from lab.finetune.lora import LoRALinear, apply_lora, lora_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-FLAT = torch.contiguous_format  # peft's name for the wrapped Hugging Face model
+PREFIX = "base_model.model."  # peft's name for the wrapped Hugging Face model
+FLAT = torch.contiguous_format
 # peft settings that change what a LoRA computes, with the value lab's LoRA matches
 UNSUPPORTED = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
                "lora_bias": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
@@ -180,6 +181,10 @@ def peft_pairs(model: nn.Module, model_type: str | None = None) -> list[Pair]:
 
 
 def _layout(model: nn.Module, model_type: str | None) -> Layout:
+    if not isinstance(getattr(model, "config", None), Config):
+        raise AdapterError(
+            f"{type(model).__name__} is not a lab GPT (no lab Config in model.config)"
+        )
     model_type = model_type or hf_model_type(model.config)
     if model_type not in FAMILIES:
         raise AdapterError(f"model_type ({model_type!r}) must be one of {sorted(FAMILIES)}")
@@ -206,22 +211,22 @@ def _hf_layers(name: str, layout: Layout) -> list[str]:
 
 def _lab_targets(modules: Any, layout: Layout, directory: Path) -> list[str]:
     """lab's LoRA targets for peft's ``target_modules`` (last names of layers)."""
-    q, k, v = (name.rsplit(".", 1)[-1] for name in layout.qkv)
-    mlp = {name.rsplit(".", 1)[-1] for name in (*layout.fc_1, layout.fc_2)}
-    hf = {"query": {q}, "key": {k}, "value": {v}, "projection": {layout.proj.rsplit(".", 1)[-1]},
-          "mlp": mlp, "head": {layout.lm_head}}  # fmt: skip
+    hf = {"projection": [layout.proj], "mlp": [*layout.fc_1, layout.fc_2], "head": [layout.lm_head]}
+    if len(layout.qkv) == 3:  # separate q, k, v layers (a fused one has no lab target)
+        hf.update(query=[layout.qkv[0]], key=[layout.qkv[1]], value=[layout.qkv[2]])
+    last = {target: {name.rsplit(".", 1)[-1] for name in names} for target, names in hf.items()}
     if not isinstance(modules, list) or not modules:
         raise AdapterError(
             f"target_modules in {directory / CONFIG_FILE} must be a list of layer names "
             f"(got {modules!r}); lab cannot read a regular expression there"
         )
-    targets = sorted(t for t in TARGETS if hf[t] <= set(modules))
-    covered = set().union(*(hf[t] for t in targets))
+    targets = sorted(t for t in last if last[t] <= set(modules))
+    covered = set().union(*(last[t] for t in targets))
     if set(modules) - covered:
         raise AdapterError(
             f"target_modules {sorted(set(modules) - covered)} in {directory / CONFIG_FILE} "
             f"have no lab LoRA target in this layout: lab adapts "
-            + ", ".join(f"{t} = {sorted(names)}" for t, names in hf.items())
+            + ", ".join(f"{t} = {sorted(names)}" for t, names in last.items())
         )
     return targets
 
