@@ -242,7 +242,7 @@ def test_bad_arguments_fail_clearly() -> None:
         apply_lora(base_model(), targets=["qkv"])
     with pytest.raises(AdapterError, match="r "):
         apply_lora(base_model(), r=0)
-    with pytest.raises(AdapterError, match="'alpha'.* r, lora_alpha, lora_dropout, targets"):
+    with pytest.raises(AdapterError, match=r"'alpha'.* r, lora_alpha, lora_dropout, targets"):
         apply_lora(base_model(), alpha=16)  # LitGPT's and peft's spelling is lora_alpha
     model = apply_lora(base_model())
     with pytest.raises(AdapterError, match="already applied"):
