@@ -12,14 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab import GPT, Config
-from lab.adapter import (
-    AdapterError,
-    apply_adapter,
+from lab.blocks import blocks_of
+from lab.errors import AdapterError
+from lab.finetune.adapter import apply_adapter
+from lab.finetune.adapter_v2 import AdapterV2Linear, apply_adapter_v2
+from lab.finetune.core import (
+    METHODS,
     load_adapter,
     mark_only_adapter_as_trainable,
+    register_method,
     save_adapter,
 )
-from lab.adapter_v2 import AdapterV2Linear, apply_adapter_v2
 from lab.generate import generate
 from lab.profile import trainable_parameters
 
@@ -124,7 +127,7 @@ def test_kv_cache_decoding_equals_full_recompute(method: str, variant: str) -> N
 
 
 def test_prefix_keys_are_computed_once_per_generation(monkeypatch) -> None:
-    from lab import adapter
+    from lab.finetune import adapter
 
     model = apply_adapter(base_model(), prompt_length=3, start_layer=1)
     perturb(model)
@@ -228,6 +231,45 @@ def test_loading_onto_a_different_base_fails_clearly(tmp_path) -> None:
         save_adapter(model, tmp_path / "base")  # would replace the base checkpoint
 
 
+def test_a_fourth_method_is_a_peer(tmp_path) -> None:
+    """A user's method, registered in a few lines, is applied, frozen, saved, refused
+    twice and loaded again by the shared core, like LoRA and the adapters."""
+
+    @register_method("ia3")
+    def apply_ia3(model: nn.Module, init: float = 1.0) -> None:
+        """(IA)^3 in brief (Liu et al. 2022): a learned scale per channel of each MLP's output."""
+        for block in blocks_of(model, "IA3"):
+            block.mlp.ia3_scale = nn.Parameter(torch.full((model.config.n_embd,), init))
+            block.mlp.register_forward_hook(lambda mlp, args, out: out * mlp.ia3_scale)
+
+    try:
+        base_dir = tmp_path / "base"
+        base_model().save_pretrained(base_dir)
+        model = GPT.from_pretrained(base_dir).eval()
+        x = tokens()
+        with torch.no_grad():
+            before = model(x)
+            assert torch.equal(apply_ia3(model)(x), before)  # scale 1: the base model
+        mark_only_adapter_as_trainable(model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {f"transformer.h.{i}.mlp.ia3_scale" for i in range(3)}
+        with pytest.raises(AdapterError, match="already applied"):
+            apply_ia3(model)
+        with torch.no_grad():
+            for name in trainable:
+                model.get_parameter(name).uniform_(0.5, 1.5)
+            tuned = model(x)
+        save_adapter(model, tmp_path / "ia3")
+        restored = load_adapter(GPT.from_pretrained(base_dir).eval(), tmp_path / "ia3")
+        assert restored.adapters == {"ia3": {"init": 1.0}}
+        with torch.no_grad():
+            assert torch.equal(restored(x), tuned)
+    finally:
+        del METHODS["ia3"]
+    with pytest.raises(AdapterError, match="'ia3', which is not registered"):
+        load_adapter(GPT.from_pretrained(base_dir), tmp_path / "ia3")
+
+
 def test_bad_arguments_fail_clearly() -> None:
     with pytest.raises(AdapterError, match="start_layer"):
         apply_adapter(base_model(), start_layer=3)
@@ -246,8 +288,8 @@ def test_bad_arguments_fail_clearly() -> None:
 
 
 def test_guide_adapter_config_pattern() -> None:
-    from lab.adapter import GPT as AdapterGPT
     from lab.config import Config as BaseConfig
+    from lab.finetune.adapter import GPT as AdapterGPT
 
     @dataclass
     class Config(BaseConfig):

@@ -4,14 +4,17 @@ fine-tuning, adapter-only checkpoints."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lab import GPT, Config
-from lab.adapter import AdapterError, load_adapter, save_adapter
-from lab.lora import (
+from lab.errors import AdapterError
+from lab.finetune.core import load_adapter, save_adapter
+from lab.finetune.lora import (
     TARGETS,
     LoRALinear,
     apply_lora,
@@ -48,7 +51,7 @@ def randomise_B(model: nn.Module) -> None:
 
 def test_lora_linear_matches_the_formula() -> None:
     torch.manual_seed(0)
-    layer = LoRALinear(16, 24, r=4, alpha=8.0)
+    layer = LoRALinear(16, 24, r=4, lora_alpha=8.0)
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(3, 5, 16)
@@ -59,7 +62,7 @@ def test_lora_linear_matches_the_formula() -> None:
 def test_fused_qkv_is_adapted_per_gqa_part() -> None:
     """query and value adapted, key not: each part has its own rank-r pair (as peft on
     separate q_proj/v_proj layers), and the key rows get no update."""
-    model = apply_lora(base_model(), r=2, alpha=6.0, targets=["query", "value"])
+    model = apply_lora(base_model(), r=2, lora_alpha=6.0, targets=["query", "value"])
     randomise_B(model)
     layer = model.transformer.h[0].attn.attn
     assert layer.lora_A.shape == (2 * 2, C) and layer.lora_B.shape == (Q_OUT + KV_OUT, 2)
@@ -183,10 +186,11 @@ def test_fine_tuning_lowers_loss_and_keeps_base_weights() -> None:
 
 
 def test_dropout_only_in_training() -> None:
-    model = apply_lora(base_model(), r=4, dropout=0.5, targets=["query"])
+    model = apply_lora(base_model(), r=4, lora_dropout=0.5, targets=["query"])
     randomise_B(model)
     x = tokens()
     with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # applied to a model in eval mode: no dropout
         model.eval()
         assert torch.equal(model(x), model(x))
         model.train()
@@ -205,9 +209,9 @@ def test_adapter_checkpoint_round_trip_from_pretrained(tmp_path) -> None:
     restored = load_adapter(GPT.from_pretrained(base_dir).eval(), tmp_path / "lora")
     assert restored.adapters["lora"] == {
         "r": 2,
-        "alpha": 16.0,
-        "dropout": 0.0,
-        "targets": ["head", "key"],
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.0,
+        "targets": ["key", "head"],
     }
     x = tokens()
     with torch.no_grad():
@@ -217,11 +221,29 @@ def test_adapter_checkpoint_round_trip_from_pretrained(tmp_path) -> None:
         save_adapter(model, tmp_path / "merged")
 
 
+def test_adapters_saved_before_the_keywords_were_renamed_load(tmp_path) -> None:
+    """lab-adapter/1 files spelled lora_alpha and lora_dropout "alpha" and "dropout"."""
+    model = apply_lora(base_model(), r=2, lora_alpha=4.0, lora_dropout=0.1, targets=["value"])
+    randomise_B(model)
+    save_adapter(model, tmp_path / "lora")
+    path = tmp_path / "lora" / "adapter.json"
+    settings = json.loads(path.read_text())
+    settings["format"] = "lab-adapter/1"
+    settings["methods"]["lora"] = {"r": 2, "alpha": 4.0, "dropout": 0.1, "targets": ["value"]}
+    path.write_text(json.dumps(settings))
+    restored = load_adapter(base_model(), tmp_path / "lora")
+    assert restored.adapters == model.adapters
+    with torch.no_grad():
+        assert torch.equal(restored(tokens()), model(tokens()))
+
+
 def test_bad_arguments_fail_clearly() -> None:
     with pytest.raises(AdapterError, match="targets"):
         apply_lora(base_model(), targets=["qkv"])
     with pytest.raises(AdapterError, match="r "):
         apply_lora(base_model(), r=0)
+    with pytest.raises(AdapterError, match=r"'alpha'.* r, lora_alpha, lora_dropout, targets"):
+        apply_lora(base_model(), alpha=16)  # LitGPT's and peft's spelling is lora_alpha
     model = apply_lora(base_model())
     with pytest.raises(AdapterError, match="already applied"):
         apply_lora(model)
@@ -245,7 +267,7 @@ def test_matches_peft() -> None:
         reference, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0)
     )
     peft_layer = wrapped.base_model.model[0]
-    ours = LoRALinear(16, 24, r=4, alpha=8.0)
+    ours = LoRALinear(16, 24, r=4, lora_alpha=8.0)
     with torch.no_grad():
         peft_layer.lora_B["default"].weight.normal_()
         ours.weight.copy_(peft_layer.base_layer.weight)
@@ -260,7 +282,7 @@ def test_matches_litgpt_lora_on_gqa() -> None:
     """The same base weights, A and B in LitGPT's LoRA (query and value on the fused,
     GQA-sized QKV) give the same logits: an independent implementation of the layout."""
     litgpt_lora = pytest.importorskip("litgpt.lora")
-    model = apply_lora(base_model(), r=2, alpha=4.0, targets=["query", "value"])
+    model = apply_lora(base_model(), r=2, lora_alpha=4.0, targets=["query", "value"])
     randomise_B(model)
     config = litgpt_lora.Config(
         **TINY, padded_vocab_size=V, bias=False, norm_class_name="RMSNorm", norm_eps=1e-5,
