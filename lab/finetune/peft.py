@@ -12,7 +12,7 @@ adapted part of its output, and the parts are those layers::
         transformer.h.{i}.mlp.fc_2                   ->  mlp.down_proj
         lm_head                                      ->  lm_head
 
-(names of the Llama family; each family's come from ``lab.checkpoint.FAMILIES``). lab
+(names of the Llama family; each family's come from ``lab.hf.FAMILIES``). lab
 adapts a gated ``fc_1`` as one layer with one ``A``, so its two halves are written
 with the same ``A``, and a peft adapter whose ``gate_proj`` and ``up_proj`` have
 different ``A`` cannot be read. A family that fuses Q, K and V into one Hugging Face
@@ -37,10 +37,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lab.checkpoint import FAMILIES, Layout, atomic_directory, hf_model_type
+from lab.checkpoint import atomic_directory
 from lab.config import Config
 from lab.errors import AdapterError
 from lab.finetune.lora import LoRALinear, apply_lora, lora_layers
+from lab.hf import FAMILIES, Layout, hf_model_type
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
