@@ -122,7 +122,10 @@ def fit(
     objects with ``on_step(state)``/``on_eval(state)``; run on rank 0 only.
 
     Checkpoints: with ``checkpoint_dir``, one every ``checkpoint_every`` steps and at
-    the end (the newest ``keep_last`` are kept), written atomically. ``resume=True``
+    the end (the newest ``keep_last`` are kept), written atomically. Each
+    ``step-XXXXXXXX`` is a lab checkpoint directory (``GPT.from_pretrained``,
+    ``load_pretrained`` and ``load_weights`` read it) with the training state beside the
+    weights; see ``lab.train.checkpoints``. ``resume=True``
     continues from the newest (bit-exactly on CPU), ``resume=path`` from that one,
     ``resume=False`` refuses a directory that already holds checkpoints.
     KeyboardInterrupt returns the history so far (``history.stopped == "interrupted"``),

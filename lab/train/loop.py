@@ -3,7 +3,8 @@
     run = Run(engine, model, data, settings, callbacks)    model and optimizer set up
     run.resume()                                           from the last checkpoint, if any
     while steps remain and nothing asked to stop:
-        run.record(run.optimizer_step())     one global batch: forward, backward, clip,
+        run.record(run.optimizer_step(), progress)
+                                             one global batch: forward, backward, clip,
                                              update; then history and on-step callbacks
         run.evaluate()                       every eval_every steps; stops at the target
         run.agree_to_stop()                  a stop on rank 0 stops every rank
