@@ -446,3 +446,30 @@ def test_models_that_do_not_return_logits_are_refused():
 
     with pytest.raises(TypeError, match="fit needs logits"):
         quiet_fit(Tuple())
+
+
+# --- structure -------------------------------------------------------------------------------
+
+
+def test_both_engines_implement_the_engine_interface_and_modules_share_public_names():
+    import ast
+    from pathlib import Path
+
+    from lab.train.engine import Engine, LocalEngine
+    from lab.train.fabric import FabricEngine
+
+    methods = [n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_")]
+    assert "setup" in methods and "broadcast" in methods
+    for engine in (LocalEngine, FabricEngine):
+        assert Engine in engine.__mro__  # declared, so a type checker holds it to the interface
+        assert all(getattr(engine, m) is not getattr(Engine, m) for m in methods), engine
+    package = Path(__file__).parents[1] / "lab" / "train"
+    private = [
+        (path.name, node.module, alias.name)
+        for path in package.glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lab")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert private == []
