@@ -1,5 +1,7 @@
 """The model, task and fit arguments shared by test_distributed.py and the script it
-launches (distributed_fit.py), so both sides train exactly the same thing."""
+launches (distributed_fit.py), so both sides train exactly the same thing. The model
+ties its embeddings: FSDP gathers a tied tensor once per name, a checkpoint stores it
+once."""
 
 import torch
 
@@ -15,4 +17,5 @@ FIT_KWARGS = dict(
 
 def tiny_gpt(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return GPT(Config(n_layer=2, n_embd=32, n_head=2, vocab_size=TASK.vocab_size, block_size=32))
+    sizes = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=TASK.vocab_size, block_size=32)
+    return GPT(Config(**sizes, tie_embeddings=True))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lab.model import GPT
 from lab.train import fit, latest_checkpoint, load_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,6 +64,8 @@ def test_fsdp_trains_checkpoints_and_resumes(launched, single):
     assert checkpoint.name == "step-00000006"
     assert {p.name for p in checkpoint.glob("rng-*")} == {"rng-0.safetensors", "rng-1.safetensors"}
     gathered = load_weights(tiny_gpt(seed=2), checkpoint)  # whole weights from the shards
+    assert gathered.lm_head.weight is gathered.transformer.wte.weight
+    assert GPT.from_pretrained(checkpoint).config == model.config  # a lab checkpoint
     for (name, a), b in zip(
         gathered.state_dict().items(), model.state_dict().values(), strict=True
     ):

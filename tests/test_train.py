@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lab.api import LLM
+from lab.checkpoint import load_pretrained
 from lab.config import Config
 from lab.data import MQAR, TokenDataset
+from lab.errors import CheckpointError
 from lab.model import GPT
 from lab.train import (
     NonFiniteLossError,
@@ -323,10 +326,10 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("lab.train.torch.save", disk_full)
+    monkeypatch.setattr("torch.save", disk_full)
     with pytest.raises(OSError, match="No space"):
         quiet_fit(tiny_gpt(), steps=4, checkpoint_dir=tmp_path)
-    assert [p.name for p in tmp_path.glob("step-*")] == ["step-00000002"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]  # no temporary left
     assert (tmp_path / "step-00000002" / "model.safetensors").read_bytes() == good
     state = json.loads((tmp_path / "step-00000002" / "state.json").read_text())
     assert state["step"] == 2 and len(state["history"]["loss"]) == 2
@@ -336,18 +339,81 @@ def test_checkpoint_files_and_tied_weights(tmp_path):
     model = tiny_gpt(tie_embeddings=True)
     quiet_fit(model, steps=3, checkpoint_dir=tmp_path, checkpoint_every=1, keep_last=2)
     assert [p.name for p in sorted(tmp_path.glob("step-*"))] == ["step-00000002", "step-00000003"]
-    files = {p.name for p in (tmp_path / "step-00000003").iterdir()}
-    assert files == {"model.safetensors", "optimizer.pt", "rng-0.safetensors", "state.json"}
+    step = tmp_path / "step-00000003"
+    files = {p.name for p in step.iterdir()}
+    assert files == {"config.json", "model.safetensors", "optimizer.pt", "rng-0.safetensors",
+                     "state.json"}  # fmt: skip
     loaded = load_weights(tiny_gpt(seed=5, tie_embeddings=True), tmp_path)
     assert torch.equal(params(loaded), params(model))
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    # a training checkpoint is a lab checkpoint: the model alone loads from it
+    for rebuilt in (GPT.from_pretrained(step), load_pretrained(step)):
+        assert rebuilt.config == model.config and torch.equal(params(rebuilt), params(model))
+        assert rebuilt.lm_head.weight is rebuilt.transformer.wte.weight
+
+
+def test_a_training_checkpoint_is_a_model_for_llm(tmp_path):
+    model = tiny_gpt(vocab_size=300)  # room for LLM's default byte tokenizer
+
+    def sample(batch_size, generator):
+        x = torch.randint(300, (batch_size, 8), generator=generator)
+        return x, x
+
+    quiet_fit(model, sample, steps=2, checkpoint_dir=tmp_path)
+    llm = LLM(GPT.from_pretrained(latest_checkpoint(tmp_path)))
+    model.eval()
+    assert llm.generate("ab", max_new_tokens=4, temperature=0) == LLM(model).generate(
+        "ab", max_new_tokens=4, temperature=0
+    )
+
+
+def test_load_weights_reads_save_pretrained_with_tied_embeddings(tmp_path):
+    saved = tiny_gpt(tie_embeddings=True)
+    saved.save_pretrained(tmp_path / "model")
+    loaded = load_weights(tiny_gpt(seed=3, tie_embeddings=True), tmp_path / "model")
+    assert torch.equal(params(loaded), params(saved))
+
+
+def test_models_without_a_lab_config_checkpoint_their_weights_alone(tmp_path):
+    """A model whose config is not a lab Config gets no config.json: load_weights and
+    resume still work; from_pretrained says what is missing."""
+    model = SpikeOnce(tiny_gpt())
+    model.spike = False
+    quiet_fit(model, steps=2, checkpoint_dir=tmp_path)
+    step = latest_checkpoint(tmp_path)
+    assert not (step / "config.json").exists()
+    assert torch.equal(params(load_weights(SpikeOnce(tiny_gpt(seed=4)), step)), params(model))
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        GPT.from_pretrained(step)
+    assert quiet_fit(SpikeOnce(tiny_gpt()), steps=3, checkpoint_dir=tmp_path).step == [1, 2, 3]
+
+
+def test_the_guides_custom_gpt_checkpoints_as_a_lab_checkpoint(tmp_path):
+    from test_guide import CustomGPT, MyModelConfig
+
+    config = MyModelConfig(
+        n_layer=1, n_embd=32, n_head=2, intermediate_size=64, vocab_size=TASK.vocab_size,
+        block_size=32,
+    )  # fmt: skip
+    model = CustomGPT(config)
+    quiet_fit(model, steps=2, checkpoint_dir=tmp_path)
+    rebuilt = CustomGPT.from_pretrained(latest_checkpoint(tmp_path))
+    assert isinstance(rebuilt.config, MyModelConfig) and rebuilt.config == config
+    assert torch.equal(params(rebuilt), params(model))
+
+
+def test_a_checkpoint_without_training_state_is_named(tmp_path):
+    quiet_fit(tiny_gpt(), steps=2, checkpoint_dir=tmp_path)
+    (tmp_path / "step-00000002" / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"step-00000002 is not a training.*state\.json"):
+        quiet_fit(tiny_gpt(), steps=4, checkpoint_dir=tmp_path)
 
 
 def test_resume_false_refuses_an_old_run_and_wrong_models_are_named(tmp_path):
     quiet_fit(tiny_gpt(), steps=2, checkpoint_dir=tmp_path)
     with pytest.raises(FileExistsError, match="resume=True"):
         quiet_fit(tiny_gpt(), steps=2, checkpoint_dir=tmp_path, resume=False)
-    with pytest.raises(RuntimeError, match=r"cannot resume from .*step-00000002"):
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step-00000002"):
         quiet_fit(tiny_gpt(n_embd=64), steps=4, checkpoint_dir=tmp_path)
 
 
@@ -380,3 +446,30 @@ def test_models_that_do_not_return_logits_are_refused():
 
     with pytest.raises(TypeError, match="fit needs logits"):
         quiet_fit(Tuple())
+
+
+# --- structure -------------------------------------------------------------------------------
+
+
+def test_both_engines_implement_the_engine_interface_and_modules_share_public_names():
+    import ast
+    from pathlib import Path
+
+    from lab.train.engine import Engine, LocalEngine
+    from lab.train.fabric import FabricEngine
+
+    methods = [n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_")]
+    assert "setup" in methods and "broadcast" in methods
+    for engine in (LocalEngine, FabricEngine):
+        assert Engine in engine.__mro__  # declared, so a type checker holds it to the interface
+        assert all(getattr(engine, m) is not getattr(Engine, m) for m in methods), engine
+    package = Path(__file__).parents[1] / "lab" / "train"
+    private = [
+        (path.name, node.module, alias.name)
+        for path in package.glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lab")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert private == []

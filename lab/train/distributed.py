@@ -1,9 +1,8 @@
-"""Training on several devices: ``lab.train.fit`` on Lightning Fabric.
+"""Training on several devices: ``fit`` through Lightning Fabric's ``FabricEngine``.
 
 ``fit(..., devices=2, strategy="ddp"|"fsdp")`` ends up here (``fit_distributed``), and so
 does a ``fit`` in a process that ``torchrun``/``fabric run`` started. Every rank runs the
-same loop as one process (``lab.train._train``) through ``FabricEngine``, the multi-device
-twin of ``lab.train._Local``. How the processes start:
+same loop as one process (``lab.train.loop.train``). How the processes start:
 
 - from a script, Fabric runs the script again once per extra device;
 - under ``torchrun``/``fabric run``, they exist already and ``fit`` joins them;
@@ -22,36 +21,26 @@ import signal
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from lab.train import (
-    History,
-    TrainState,
-    _callback_hooks,
-    _Local,
-    _progress_bar,
-    _report_interrupt,
-    _Settings,
-    _show_step,
-    _train,
-    _write_weights,
-    latest_checkpoint,
-    load_weights,
-)
+from lab.train.checkpoints import latest_checkpoint, load_weights, write_weights
+from lab.train.fabric import FabricEngine
+from lab.train.loop import Progress, Settings, report_interrupt, train
+from lab.train.state import History, Hook, TrainState, split_callbacks
 
 
 def fit_distributed(
     model: nn.Module,
     data: Any,
-    settings: _Settings,
+    settings: Settings,
     callbacks: Iterable[Any],
     *,
     accelerator: str,
@@ -78,124 +67,7 @@ def fit_distributed(
     if fork:
         return fit_forked(engine, model, data, settings, callbacks)
     engine.fabric.launch()
-    return _train(engine, model, data, settings, callbacks)
-
-
-# --- the engine -------------------------------------------------------------------------------
-
-
-class FabricEngine(_Local):
-    """Lightning Fabric: DDP, FSDP and friends, launched or joined.
-
-    ``fork=True`` (a notebook) makes Fabric's launcher fork the workers
-    (``_MultiProcessingLauncher``) instead of re-running the script.
-    """
-
-    def __init__(
-        self,
-        accelerator: str,
-        devices: int | str,
-        strategy: str,
-        num_nodes: int,
-        precision: str,
-        fork: bool = False,
-    ) -> None:
-        from lightning_fabric import Fabric  # imported here: a second or two, only when needed
-        from lightning_fabric.strategies import ModelParallelStrategy
-        from lightning_fabric.strategies.launchers.multiprocessing import (
-            _MultiProcessingLauncher,
-        )
-
-        class ForkedModelParallel(ModelParallelStrategy):
-            def _configure_launcher(self) -> None:  # its own choice is the script launcher
-                self._launcher = _MultiProcessingLauncher(self, start_method="fork")
-
-        if strategy == "fsdp":
-            # FSDP2 (torch.distributed.fsdp.fully_shard) through Fabric's ModelParallelStrategy:
-            # unlike Fabric's "fsdp" (FSDP1, GPU only) it also runs on CPU with gloo.
-            if not isinstance(devices, int):
-                raise ValueError(f"strategy='fsdp' needs devices as a number, got {devices!r}")
-            strategy = (ForkedModelParallel if fork else ModelParallelStrategy)(
-                _fully_shard_blocks, data_parallel_size=devices * num_nodes, tensor_parallel_size=1
-            )
-        elif strategy == "ddp" and fork:
-            strategy = "ddp_notebook"  # DDP with forked workers
-        self.fabric = Fabric(
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            num_nodes=num_nodes,
-            precision=precision,
-        )
-
-    @property
-    def device(self) -> torch.device:
-        return self.fabric.device
-
-    @property
-    def scaler(self) -> torch.amp.GradScaler | None:
-        """The gradient scaler of Fabric's "16-mixed" precision (None otherwise)."""
-        return getattr(self.fabric.strategy.precision, "scaler", None)
-
-    @property
-    def world_size(self) -> int:
-        return self.fabric.world_size
-
-    @property
-    def global_rank(self) -> int:
-        return self.fabric.global_rank
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.fabric.is_global_zero
-
-    def setup(self, model: nn.Module, make_optimizer: Callable) -> tuple[nn.Module, Any]:
-        # FSDP replaces parameters by sharded DTensors (same names, same global shapes),
-        # so the optimizer is built after setup_module.
-        module = self.fabric.setup_module(model)
-        return module, self.fabric.setup_optimizers(make_optimizer(model))
-
-    def autocast(self) -> AbstractContextManager:
-        return self.fabric.autocast()
-
-    def no_backward_sync(self, model: nn.Module, enabled: bool) -> AbstractContextManager:
-        return self.fabric.no_backward_sync(model, enabled=enabled)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.fabric.backward(loss)
-
-    def clip_gradients(self, model: nn.Module, optimizer: Any, max_norm: float) -> torch.Tensor:
-        # error_if_nonfinite=False: fit raises its own NonFiniteLossError, on every rank.
-        norm = self.fabric.clip_gradients(
-            model, optimizer, max_norm=max_norm, error_if_nonfinite=False
-        )
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-
-    def optimizer_step(self, optimizer: Any) -> None:
-        optimizer.step()  # Fabric's optimizer wrapper applies its precision's scaler
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.fabric.all_reduce(tensor, reduce_op="sum")
-
-    def barrier(self) -> None:
-        self.fabric.barrier()
-
-    def wrapped(self, model: nn.Module) -> nn.Module:
-        """The DDP/FSDP module inside Fabric's wrapper, as the state-dict API needs it."""
-        return model._forward_module
-
-    state_dict_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _fully_shard_blocks(model: nn.Module, mesh: Any) -> nn.Module:
-    """FSDP2 policy for any model: shard every element of every ``nn.ModuleList`` (the
-    blocks, and experts inside them), innermost first, then the root for the rest."""
-    from torch.distributed.fsdp import fully_shard
-
-    units = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
-    for unit in reversed(units):  # modules() is pre-order: reversed puts children first
-        fully_shard(unit, mesh=mesh["data_parallel"])
-    return fully_shard(model, mesh=mesh["data_parallel"])
+    return train(engine, model, data, settings, callbacks)
 
 
 # --- from a notebook: forked workers ---------------------------------------------------------
@@ -206,12 +78,12 @@ _STATE_NUMBERS = ("step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "s
 @dataclass
 class _Channel:
     """What the parent and its forked workers share: rank 0's messages, the parent's
-    stop request, the workers' process ids, and the file for rank 0's final weights."""
+    stop request, the workers' process ids, and the directory for rank 0's final weights."""
 
     messages: Any  # multiprocessing Queue of ("step"|"eval", ...), ("done", ...), ("error", ...)
     stop: Any  # multiprocessing Event
     pids: Any  # multiprocessing Array, one per rank
-    weights: Path
+    weights: Path  # a lab checkpoint directory
 
 
 class _Forwarder:
@@ -246,10 +118,10 @@ def _worker(
     engine: FabricEngine,
     model: nn.Module,
     data: Any,
-    s: _Settings,
+    s: Settings,
     channel: _Channel,
 ) -> None:
-    """One forked worker: ``_train``, then rank 0 writes the whole weights for the parent.
+    """One forked worker: ``train``, then rank 0 writes the whole weights for the parent.
 
     Errors go to the parent as messages (and are re-raised, so that torch's launcher
     ends the other workers too).
@@ -261,11 +133,11 @@ def _worker(
     channel.pids[engine.global_rank] = os.getpid()
     try:
         callbacks = [_Forwarder(channel)] if engine.is_global_zero else []
-        history = _train(engine, model, data, s, callbacks)
+        history = train(engine, model, data, s, callbacks)
         # Whole weights: gathered from the shards under FSDP (collective, on every rank).
         weights = get_model_state_dict(model, options=engine.state_dict_options)
         if engine.is_global_zero:
-            _write_weights(weights, channel.weights)
+            write_weights(channel.weights, model, weights)
             channel.messages.put(("done", history.to_dict()))
     except BaseException as error:
         try:  # the parent re-raises it as it is, if it survives pickling
@@ -281,8 +153,8 @@ def _relay(
     launcher: threading.Thread,
     failure: list[BaseException],
     state: TrainState,
-    hooks: tuple[list[Callable], list[Callable]],
-    bar: Any,
+    hooks: tuple[list[Hook], list[Hook]],
+    progress: Progress,
 ) -> History:
     """In the parent: apply rank 0's forwarded steps to ``state`` and call the user's
     hooks on them, until rank 0's final History arrives; raise a worker's error."""
@@ -317,7 +189,7 @@ def _relay(
         for name, value in numbers.items():
             setattr(state, name, value)
         if kind == "step":
-            _show_step(bar, state)
+            progress.show(state)
         on_step, on_eval = hooks
         for hook in on_eval if kind == "eval" else on_step:
             hook(state)
@@ -340,11 +212,11 @@ def fit_forked(
     engine: FabricEngine,
     model: nn.Module,
     data: Any,
-    s: _Settings,
+    s: Settings,
     callbacks: Iterable[Any],
 ) -> History:
     """fit from a notebook, where there is no script to re-run: Fabric forks one worker
-    per device, each runs ``_train``; the user's callbacks run here on rank 0's forwarded
+    per device, each runs ``train``; the user's callbacks run here on rank 0's forwarded
     steps; rank 0's final weights are loaded into ``model`` (a forked child cannot change
     the parent's memory).
 
@@ -358,7 +230,7 @@ def fit_forked(
             "Restart the kernel and call fit(devices=...) before anything touches the GPU "
             "(leave the model on the CPU: fit moves it), or run a script instead."
         )
-    hooks = _callback_hooks(callbacks)
+    hooks = split_callbacks(callbacks)
     context = multiprocessing.get_context("fork")
     state = TrainState(step=0, steps=s.steps, model=model, history=History())
     failure: list[BaseException] = []
@@ -366,7 +238,7 @@ def fit_forked(
     with tempfile.TemporaryDirectory(prefix="lab-fit-") as tmp:
         channel = _Channel(
             context.Queue(), context.Event(), context.Array("i", engine.world_size),
-            Path(tmp) / "model.safetensors",
+            Path(tmp),
         )  # fmt: skip
 
         def launch() -> None:  # blocks until every worker has ended
@@ -378,24 +250,24 @@ def fit_forked(
                 failure.append(error)
 
         launcher = threading.Thread(target=launch, name="fit workers", daemon=True)
-        bar = _progress_bar(s.steps, 0, s.progress)
+        progress = Progress(s.steps, 0, s.progress)
         finished = False
         launcher.start()
         try:
             try:
-                final = _relay(channel, launcher, failure, state, hooks, bar)
+                final = _relay(channel, launcher, failure, state, hooks, progress)
             except KeyboardInterrupt:
                 channel.stop.set()
                 print(
                     "fit: interrupted; the workers stop after this step (interrupt again to kill)"
                 )
-                final = _relay(channel, launcher, failure, state, hooks, bar)
+                final = _relay(channel, launcher, failure, state, hooks, progress)
                 final.stopped = "interrupted"
                 last = latest_checkpoint(s.checkpoint_dir) if s.checkpoint_dir else None
-                _report_interrupt(state.step, last)
+                report_interrupt(state.step, last)
             finished = True
         finally:
-            bar.close()
+            progress.close()
             _end_workers(launcher, channel.pids, kill=not finished)
             if port is None:
                 os.environ.pop("MASTER_PORT", None)
