@@ -472,6 +472,16 @@ class GPT(nn.Module):
         ``input_pos`` (T,) (the positions of these tokens) the KV cache is used.
         ``mask`` (bool, broadcastable to (B, nh, T, S)) goes to every block's attention,
         e.g. to hide left padding (see ``CausalSelfAttention.scaled_dot_product_attention``)."""
+        return self.head(self.hidden_states(idx, input_pos, mask))
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-normed residual stream (B, T, n_embd): ``forward`` without the head,
+        for losses that apply the head a chunk at a time (``lab.loss``)."""
         if not torch.compiler.is_compiling():  # a compiled decode step checked its positions
             last = idx.size(1) if input_pos is None else int(input_pos[-1]) + 1
             if last > self.config.block_size:
@@ -486,7 +496,11 @@ class GPT(nn.Module):
             x = self.transformer.wpe(x, input_pos)
         for block in self.transformer.h:
             x = block(x, input_pos=input_pos, mask=mask)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        return self.transformer.ln_f(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states ``x`` (..., n_embd): ``lm_head``, then soft-capping."""
+        logits = self.lm_head(x)
         if self.config.final_logit_softcapping is not None:
             cap = self.config.final_logit_softcapping
             logits = cap * torch.tanh(logits / cap)
