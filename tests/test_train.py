@@ -347,7 +347,7 @@ def test_checkpoint_files_and_tied_weights(tmp_path):
     assert torch.equal(params(loaded), params(model))
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     # a training checkpoint is a lab checkpoint: the model alone loads from it
-    for rebuilt in (GPT.from_pretrained(step), load_pretrained(step)):
+    for rebuilt in (GPT.from_pretrained(step), load_pretrained(step, GPT)):
         assert rebuilt.config == model.config and torch.equal(params(rebuilt), params(model))
         assert rebuilt.lm_head.weight is rebuilt.transformer.wte.weight
 
