@@ -164,9 +164,11 @@ def check_decode_step(fn: Callable) -> None:
                 fail(f"the token at position {pos} also attends to cache slots {pos + 1}.."
                      f"{max_len - 1}, which hold no token yet (zeros): attend to positions "
                      f"0..{pos} only")  # fmt: skip
-            if pos > 0 and close(y, variant(q[:, step], k[:, :pos], v[:, :pos], causal=False)):
-                fail(f"the token at position {pos} does not see its own key: include position "
-                     f"{pos} in what it attends to")  # fmt: skip
+            stale = [torch.cat([t[:, :pos], torch.zeros_like(t[:, :1])], 1) for t in (k, v)]
+            missed = pos > 0 and close(y, variant(q[:, step], k[:, :pos], v[:, :pos], causal=False))
+            if missed or close(y, variant(q[:, step], *stale, causal=False)):
+                fail(f"the token at position {pos} does not see its own key: write it into the "
+                     "cache before attending, and include position pos")  # fmt: skip
             if ng != nh and close(y, variant(q[:, step], k[:, seen], v[:, seen], causal=False,
                                              tile_heads=True)):  # fmt: skip
                 fail("right when n_query_groups == n_head, wrong for grouped queries: check how "

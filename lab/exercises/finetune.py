@@ -125,9 +125,6 @@ def check_adapter_gate(fn: Callable) -> None:
         ungated = expected / gate.view(-1, 1)
         if close(y, ungated * gate.tanh().view(-1, 1)):
             fail("you squash the gate (tanh?): lab multiplies head h's output by gate[h] itself")
-        if not close(y / expected, (y / expected).flatten()[:1].expand_as(y)):
-            fail("the gate is applied, but not one number per head: head h's output is "
-                 "multiplied by gate[h]")  # fmt: skip
         if ng != nh:
             fail("right when n_query_groups == n_head, wrong for grouped queries: check how the "
                  "prefix's key heads are shared")  # fmt: skip

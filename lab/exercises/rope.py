@@ -23,7 +23,7 @@ def reference(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Te
     return RotaryPositions(config)(x, x, positions)[0]
 
 
-def _interleaved(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+def interleaved_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """RoPE on neighbouring pairs (0, 1), (2, 3), ... (the GPT-J / original paper layout)."""
     hs = x.size(-1)
     theta = base ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
@@ -58,7 +58,7 @@ def check_rope(fn: Callable) -> None:
         if lengths > 1e-3:
             fail(f"on {case} your output has different vector lengths than its input: RoPE "
                  "rotates, and a rotation never changes a length")  # fmt: skip
-        if close(y, _interleaved(x, positions, base)):
+        if close(y, interleaved_rope(x, positions, base)):
             fail("you rotate neighbouring dimensions (0, 1), (2, 3), ... together: lab, LLaMA and "
                  "Hugging Face use the 'rotate half' layout, where dimension i pairs with "
                  "i + head_size / 2")  # fmt: skip
