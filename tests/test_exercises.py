@@ -470,3 +470,22 @@ def test_student_version_command(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["student-version", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "not a notebook" in capsys.readouterr().err
+
+
+def test_every_exercise_has_its_parts():
+    """A heading with difficulty, minutes and what it teaches; the code cell; its check
+    right after; then a folded hint."""
+    exercises = 0
+    for path in sorted(EXERCISES.glob("*.ipynb")):
+        cells = source_cells(path)
+        text = ["".join(c["source"]) for c in cells]
+        for i, cell in enumerate(cells):
+            meta = cell["metadata"].get("nbgrader", {})
+            if cell["cell_type"] != "code" or not meta.get("solution"):
+                continue
+            exercises += 1
+            heading = next(t for t in reversed(text[:i]) if t.startswith("## Exercise"))
+            assert all(part in heading for part in ("**Difficulty**", "minutes**", "**Teaches:**"))
+            assert cells[i + 1]["metadata"]["nbgrader"]["grade"] and "check_" in text[i + 1]
+            assert text[i + 2].startswith("<details><summary>Hint")
+    assert exercises == 13
