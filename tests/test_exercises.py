@@ -489,3 +489,20 @@ def test_every_exercise_has_its_parts():
             assert cells[i + 1]["metadata"]["nbgrader"]["grade"] and "check_" in text[i + 1]
             assert text[i + 2].startswith("<details><summary>Hint")
     assert exercises == 13
+
+
+def test_train_mqar_reuses_a_run_with_the_same_settings(monkeypatch):
+    runs = []
+
+    def fake_fit(model, *args, **kwargs):
+        runs.append(kwargs["lr"])
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)  # what "training" changed
+
+    monkeypatch.setattr(investigations, "fit", fake_fit)
+    monkeypatch.setattr(investigations, "_trained", {})
+    first = investigations.train_mqar(lr=0.123, n_embd=16)
+    second = investigations.train_mqar(lr=0.123, n_embd=16)
+    investigations.train_mqar(lr=0.456, n_embd=16)
+    assert runs == [0.123, 0.456]
+    assert second is not first and torch.equal(second.lm_head.weight, first.lm_head.weight)
