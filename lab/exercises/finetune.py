@@ -9,17 +9,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lab.adapter import CausalSelfAttention as AdapterAttention
 from lab.config import Config
 from lab.exercises.core import call, close, fail, passed, randn, tensor_result
-from lab.lora import LoRALinear as ReferenceLoRA
+from lab.finetune.adapter import CausalSelfAttention as AdapterAttention
+from lab.finetune.lora import LoRALinear as ReferenceLoRA
 
 
 def _reference_lora(
     base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float
 ) -> ReferenceLoRA:
     ref = ReferenceLoRA(base.in_features, base.out_features, bias=base.bias is not None,
-                        r=A.size(0), alpha=alpha)  # fmt: skip
+                        r=A.size(0), lora_alpha=alpha)  # fmt: skip
     with torch.no_grad():
         ref.weight.copy_(base.weight)
         if base.bias is not None:
