@@ -16,6 +16,7 @@ Subclass it to add your own fields (the guide's ``MyModelConfig``)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -158,16 +159,7 @@ class Config:
         for name, expected in _field_types(type(self)).items():
             value = getattr(self, name)
             if not _has_type(value, expected):
-                hint = f", e.g. {name}={EXAMPLES[name]}" if name in EXAMPLES else ""
-                if isinstance(value, str):
-                    try:
-                        if _has_type(json.loads(value), expected):
-                            hint = "; write it without quotes"
-                    except ValueError:
-                        pass
-                raise ConfigError(
-                    f"{name} ({value!r}) must be {_describe(expected)}{hint}", field=name
-                )
+                raise _type_error(name, value, expected)
 
     def _check_sizes(self) -> None:
         for name in ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_embd", "n_head"):
@@ -343,6 +335,12 @@ class Config:
                 f"rope_scaling high_freq_factor ({scaling['high_freq_factor']}) must be greater "
                 f"than low_freq_factor ({scaling['low_freq_factor']})",
             )
+        if kind == "yarn":
+            _require(
+                self.rope_base != 1,
+                "rope_base",
+                "yarn rope_scaling divides by log(rope_base), so rope_base must not be 1",
+            )
         if self.positional == "rope" and kind == "ntk":
             _require(
                 self.rope_n_elem > 2,
@@ -442,7 +440,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _has_type(value: Any, expected: Any) -> bool:
     """Whether ``value`` fits the annotation ``expected``. bool is not an int here, an
-    int is a float (PEP 484), and annotations it does not know accept anything."""
+    int is a float (PEP 484), every int fits torch's int64, and annotations it does not
+    know accept anything."""
     origin, args = typing.get_origin(expected), typing.get_args(expected)
     if origin in (typing.Union, types.UnionType):
         return any(_has_type(value, arg) for arg in args)
@@ -451,10 +450,11 @@ def _has_type(value: Any, expected: Any) -> bool:
     if expected is bool:
         return isinstance(value, bool)
     if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and _is_int64(value)
     if expected is float:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return number and (isinstance(value, int) or math.isfinite(value))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _is_int64(value)
+        return isinstance(value, float) and math.isfinite(value)
     if origin is dict and args:
         return isinstance(value, dict) and all(
             _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items()
@@ -463,6 +463,22 @@ def _has_type(value: Any, expected: Any) -> bool:
         return value in args
     cls = origin or expected
     return isinstance(value, cls) if isinstance(cls, type) else True
+
+
+def _type_error(name: str, value: Any, expected: Any) -> ConfigError:
+    """ "norm_eps ('1e-5') must be a finite number; write it without quotes", and the like."""
+    hint = f", e.g. {name}={EXAMPLES[name]}" if name in EXAMPLES else ""
+    if isinstance(value, int) and not _is_int64(value):
+        hint = "; it must fit in 64 bits (torch's int64)"
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            if _has_type(json.loads(value), expected):
+                hint = "; write it without quotes"
+    return ConfigError(f"{name} ({value!r}) must be {_describe(expected)}{hint}", field=name)
+
+
+def _is_int64(value: int) -> bool:
+    return -(2**63) <= value < 2**63
 
 
 def _describe(expected: Any) -> str:

@@ -76,6 +76,10 @@ MOE = dict(mlp_class_name="MoE", n_expert=4, n_expert_per_token=2)
         (dict(rotary_percentage=0.125, rope_scaling={"type": "ntk", "factor": 2.0}), "rope_scaling",
          "NTK rope_scaling needs at least 4 rotated dimensions"),
         (dict(MOE, bias=True), "bias", "MoE experts and router have no biases"),
+        # found by tests/test_config_fuzz.py
+        (dict(rope_base=1.0, rope_scaling={"type": "yarn", "factor": 4.0}), "rope_base", "must not be 1"),
+        (dict(MOE, moe_intermediate_size=10**30), "moe_intermediate_size", "fit in 64 bits"),
+        (dict(rope_base=10**30), "rope_base", "fit in 64 bits"),
     ],
 )  # fmt: skip
 def test_issue_13_escapes_are_config_errors_before_any_tensor(overrides, field, message):
