@@ -3,9 +3,10 @@
 Every size and every component choice of a model lives here, as plain data, so a
 config can be printed, saved as JSON, edited in a widget and compared.  Values that
 follow from others (``head_size``, ``n_query_groups``, ...) may be left as ``None``
-and are derived in ``__post_init__``; every invalid combination raises a
-``ConfigError`` that names the field, the value and the fix, before any tensor is
-allocated.
+and are derived in ``__post_init__``.  Every field is checked against its annotation
+(no None, string, float or bool where an int belongs), and every invalid value or
+combination raises a ``ConfigError`` that names the field, the value and the fix,
+before any tensor is allocated.
 
 Subclass it to add your own fields (the guide's ``MyModelConfig``)::
 
@@ -41,8 +42,8 @@ GLOBAL_FIELDS = frozenset(
 )  # fmt: skip
 # Fields that ``__post_init__`` fills when left as None (see ``Config.replace``).
 DERIVED_FIELDS = ("padded_vocab_size", "head_size", "n_query_groups", "intermediate_size")
-# rope_scaling: per type, the keys it needs and the keys it may add (as Hugging Face's
-# rope validation asks; ``lab.positional.rope_frequencies`` reads them).
+# rope_scaling: per type, the keys it needs (as Hugging Face's rope validation asks) and
+# the keys it may add; ``lab.positional.rope_frequencies`` reads them, defaulting the rest.
 ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("factor",), ()),
     "ntk": (("factor",), ()),
@@ -335,7 +336,7 @@ class Config:
                 f"rope_scaling high_freq_factor ({scaling['high_freq_factor']}) must be greater "
                 f"than low_freq_factor ({scaling['low_freq_factor']})",
             )
-        if kind == "yarn":
+        if self.positional == "rope" and kind == "yarn":
             _require(
                 self.rope_base != 1,
                 "rope_base",
@@ -466,7 +467,8 @@ def _has_type(value: Any, expected: Any) -> bool:
 
 
 def _type_error(name: str, value: Any, expected: Any) -> ConfigError:
-    """ "norm_eps ('1e-5') must be a finite number; write it without quotes", and the like."""
+    """The error for a value of the wrong type, with the fix where one is plain, e.g.
+    ``norm_eps ('1e-5') must be a finite number; write it without quotes``."""
     hint = f", e.g. {name}={EXAMPLES[name]}" if name in EXAMPLES else ""
     if isinstance(value, int) and not _is_int64(value):
         hint = "; it must fit in 64 bits (torch's int64)"
