@@ -55,6 +55,8 @@ EXAMPLES = {
     "rope_scaling": "{'type': 'linear', 'factor': 2.0}",
     "layer_overrides": "{0: {'mlp_class_name': 'GatedMLP'}}",
 }
+# Where a positional scheme acts (see lab.positional): the class attribute ``level``.
+POSITIONAL_LEVELS = ("embedding", "attention", "none")
 ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_bias", "expert_choice")
 
 
@@ -279,6 +281,13 @@ class Config:
         registry.activation.get(self.activation)
         for getter in ("attention_class", "mlp_class", "norm_class", "positional_class"):
             getattr(self, getter)  # resolving a name validates it
+        level = getattr(self.positional_class, "level", None)
+        _require(
+            level in POSITIONAL_LEVELS,
+            "positional",
+            f"the positional class registered as {self.positional!r} has level {level!r}; "
+            f"give it a class attribute level, one of {list(POSITIONAL_LEVELS)}",
+        )
         norm_options = {"unit_offset": True} if self.norm_unit_offset else {}
         _require(
             _accepts(self.norm_class, 1, eps=self.norm_eps, **norm_options),

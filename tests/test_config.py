@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lab import GPT, Config, ConfigError
-from lab.registry import mlp, register
+from lab.registry import mlp, positional, register
 
 BASE = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=11, block_size=8, intermediate_size=8)
 
@@ -173,6 +173,19 @@ def test_subclass_fields_are_type_checked_too():
     assert error.value.field == "custom_param"
     assert "write it without quotes" in str(error.value)
     assert MyModelConfig(**ISSUE_BASE, custom_param=1).custom_param == 1  # an int is a float
+
+
+def test_a_registered_positional_class_needs_a_level():
+    class NoLevel(torch.nn.Module):
+        pass
+
+    register("positional", "test-no-level", NoLevel)
+    try:
+        with pytest.raises(ConfigError, match="give it a class attribute level") as error:
+            Config(**ISSUE_BASE, positional="test-no-level")
+        assert error.value.field == "positional"
+    finally:
+        del positional._classes["test-no-level"]
 
 
 def test_derived_values():

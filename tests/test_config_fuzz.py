@@ -54,6 +54,9 @@ def rope_scalings(draw) -> dict:
 
 
 FIELDS = {
+    "name": st.sampled_from(["", "tiny"]),
+    "attention_class_name": st.just("CausalSelfAttention"),
+    "block_class_name": st.just("Block"),
     "n_layer": st.integers(1, 2),
     "n_embd": st.sampled_from([4, 8, 12, 16]),
     "n_head": st.integers(1, 4),
