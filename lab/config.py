@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import configs, registry
+from lab import registry
 from lab.errors import ConfigError
 
 # Fields that describe the whole model; the rest may differ per layer.
@@ -425,12 +425,16 @@ class Config:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Config:
         """A named architecture (``"Llama-3.2-1B"``), optionally changed by ``overrides``."""
-        return cls.from_dict({**configs.named_config(name), **overrides})
+        from lab.configs import named_config
+
+        return cls.from_dict({**named_config(name), **overrides})
 
     @staticmethod
     def available() -> list[str]:
         """Names ``from_name`` accepts."""
-        return sorted(configs.configs)
+        from lab.configs import configs
+
+        return sorted(configs)
 
 
 def _per_layer_fields(cls: type) -> set[str]:
