@@ -33,7 +33,7 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from lab.errors import ConfigError
+from lab.config import ConfigError
 
 # Keys of an entry that describe the model but are not Config fields.
 METADATA_KEYS = ("hf_config", "published_params")
