@@ -1,6 +1,7 @@
 """lab: design, train and look inside GPT-style transformers, in a notebook."""
 
 from lab import (
+    configs,  # noqa: F401  (fills the catalogue of named architectures)
     moe,  # noqa: F401  (registers mlp_class_name="MoE")
     positional,  # noqa: F401  (registers the positional schemes)
 )

@@ -482,16 +482,12 @@ class Config:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Config:
         """A named architecture (``"Llama-3.2-1B"``), optionally changed by ``overrides``."""
-        from lab.configs import named_config
-
-        return cls.from_dict({**named_config(name), **overrides})
+        return cls.from_dict({**registry.named_config(name), **overrides})
 
     @staticmethod
     def available() -> list[str]:
         """Names ``from_name`` accepts."""
-        from lab.configs import configs
-
-        return sorted(configs)
+        return sorted(registry.named_configs)
 
 
 def _per_layer_fields(cls: type) -> set[str]:
