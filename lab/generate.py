@@ -122,9 +122,7 @@ def supports_kv_cache(model: nn.Module) -> bool:
     if not isinstance(model, GPT) or type(model).forward is not GPT.forward:
         return False
     return all(
-        _runs_stock(block, Block)
-        and isinstance(block.attn, CausalSelfAttention)
-        and _runs_stock(block.attn, CausalSelfAttention)
+        _runs_stock(block, Block) and _runs_stock(block.attn, CausalSelfAttention)
         for block in model.transformer.h
     )
 

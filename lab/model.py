@@ -131,11 +131,16 @@ class KVCache(nn.Module):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         static: bool = False,
+        value_size: int | None = None,
     ) -> None:
+        """``value_size``: the values' head size, if not ``head_size``."""
         super().__init__()
         shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        v_shape = (*shape[:3], value_size or head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer(
+            "v", torch.zeros(v_shape, device=device, dtype=dtype), persistent=False
+        )
         self.static = static
 
     def forward(
@@ -172,7 +177,10 @@ class CausalSelfAttention(nn.Module):
         keys       k0  |   k1  |   k2  |   k3       ng = 4: two queries per key
 
     One fused projection ``attn`` computes ``[Q | K | V]``; ``forward`` reads as the
-    steps a subclass may override one at a time.
+    steps a subclass may override one at a time. Two options act around the softmax:
+    ``attention_sinks`` (GPT-OSS) adds a learned logit per head to its denominator, so
+    a head may attend to "nothing"; ``attention_gate`` (Qwen3-Next) multiplies the
+    output by ``sigmoid(gate(x))``, per value or per head.
     """
 
     def __init__(self, config: Config, block_idx: int = 0) -> None:
@@ -181,23 +189,42 @@ class CausalSelfAttention(nn.Module):
         self.config, self.block_idx = config, block_idx
         self.n_embd, self.n_head = config.n_embd, config.n_head
         self.n_query_groups, self.head_size = config.n_query_groups, config.head_size
-        self.qkv_sizes = (
-            config.n_head * config.head_size,
-            config.n_query_groups * config.head_size,
-            config.n_query_groups * config.head_size,
-        )
-        attn_bias = config.bias if config.attn_bias is None else config.attn_bias
-        self.attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=attn_bias)
-        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
-        if config.norm_qk:
-            self.norm_q = RMSNorm(config.head_size, eps=config.norm_eps)
-            self.norm_k = RMSNorm(config.head_size, eps=config.norm_eps)
+        self.build_projections(config)
         positional = config.positional_class
         self.positional = positional(config) if positional.level == "attention" else None
         self.scale = config.attention_scale or 1.0 / math.sqrt(config.head_size)
         self.softcap = config.attention_logit_softcapping
         self.sliding_window_size = config.sliding_window_size
+        self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.attention_sinks else None
+        self.gate = None
+        if config.attention_gate is not None:  # one gate per output value, or per head
+            width = self.proj.in_features if config.attention_gate == "elementwise" else self.n_head
+            self.gate = nn.Linear(config.n_embd, width, bias=self.attn_bias)
         self.kv_cache: KVCache | None = None
+
+    def build_projections(self, config: Config) -> None:
+        """The learned maps around the attention: ``attn`` (Q|K|V), the output ``proj``
+        and the QK norms. A variant with other projections (``lab.mla``) replaces this."""
+        self.qkv_sizes = (
+            config.n_head * config.head_size,
+            config.n_query_groups * config.head_size,
+            config.n_query_groups * config.head_size,
+        )
+        self.attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=self.attn_bias)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
+        if config.norm_qk:
+            self.norm_q = RMSNorm(config.head_size, eps=config.norm_eps)
+            self.norm_k = RMSNorm(config.head_size, eps=config.norm_eps)
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether the input projections have biases (``attn_bias``, else ``bias``)."""
+        return self.config.bias if self.config.attn_bias is None else self.config.attn_bias
+
+    def reset_parameters(self) -> None:
+        """Sinks start at zero (the linear layers are reset by ``GPT._init_weights``)."""
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
 
     # Set by ``lab.probe`` to see (and maybe replace) the scores and the pattern:
     # ``hook("scores" | "pattern", tensor) -> tensor``. None keeps the fused kernel.
@@ -215,7 +242,7 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)
         y = self.scaled_dot_product_attention(q, k, v, mask=mask)  # (B, T, nh, hs)
-        return self.proj(y.reshape(B, T, -1))
+        return self.proj(self.gated(x, y).reshape(B, T, -1))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project and split: q (B, T, nh, hs), k and v (B, T, ng, hs)."""
@@ -234,6 +261,13 @@ class CausalSelfAttention(nn.Module):
         """Apply an attention-level positional scheme (RoPE rotates q and k)."""
         return (q, k) if self.positional is None else self.positional(q, k, input_pos)
 
+    def gated(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The attention output y (B, T, nh, hv) times ``sigmoid(gate(x))`` of the layer's
+        input x (Qiu et al., 2025, as in Qwen3-Next); y itself without a gate."""
+        if self.gate is None:
+            return y
+        return y * torch.sigmoid(self.gate(x)).view(*y.shape[:3], -1)
+
     def scaled_dot_product_attention(
         self,
         q: torch.Tensor,
@@ -247,12 +281,12 @@ class CausalSelfAttention(nn.Module):
         last T of the S positions; returns (B, T, nh, hs). ``mask`` (bool, True =
         may attend, broadcastable to (B, nh, T, S)) is combined with the causal mask,
         e.g. to hide padding. Uses PyTorch's fused kernel unless scores must be seen
-        (soft-capping, or a probe's ``attention_hook``).
+        (soft-capping, sinks, or a probe's ``attention_hook``).
         """
         T, S = q.size(1), k.size(1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
         bias = self.attention_bias(T, S, q.device, q.dtype, mask)
-        if self.softcap is None and self.attention_hook is None:
+        if self.softcap is None and self.attention_hook is None and self.sinks is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, is_causal=bias is None and T > 1,
                 scale=self.scale, enable_gqa=self.n_query_groups != self.n_head,
@@ -277,7 +311,13 @@ class CausalSelfAttention(nn.Module):
             scores = scores + bias
         if hook is not None:
             scores = hook("scores", scores)
-        pattern = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        if self.sinks is None:
+            pattern = scores.softmax(dim=-1, dtype=torch.float32)
+        else:  # the sink is one more logit per head in the denominator, attending to nothing
+            sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            pattern = torch.cat((scores, sink), dim=-1).softmax(dim=-1, dtype=torch.float32)
+            pattern = pattern[..., :-1]
+        pattern = pattern.to(q.dtype)
         return pattern if hook is None else hook("pattern", pattern)
 
     def attention_bias(
@@ -316,7 +356,7 @@ class CausalSelfAttention(nn.Module):
             batch_size, max_seq_length, self.n_query_groups, self.head_size, device, dtype, static
         )
         if hasattr(self.positional, "reserve"):  # RoPE's table: no growing mid-decode
-            self.positional.reserve(max_seq_length, device or self.attn.weight.device)
+            self.positional.reserve(max_seq_length, device or self.proj.weight.device)
 
 
 def causal_mask(T: int, S: int, device: torch.device, window: int | None = None) -> torch.Tensor:
