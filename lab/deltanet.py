@@ -140,7 +140,8 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class GatedRMSNorm(nn.Module):
-    """``RMSNorm(x) * silu(z)``: the output norm, gated by the layer's input (fp32)."""
+    """``RMSNorm(x) * silu(z)``: the output norm, gated by the layer's input (in at
+    least fp32)."""
 
     def __init__(self, size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -148,8 +149,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
-        return (y * F.silu(z.float())).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        y = F.rms_norm(x.to(dtype), self.weight.shape, self.weight.to(dtype), self.eps)
+        return (y * F.silu(z.to(dtype))).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -44,8 +44,8 @@ registry.activation.register("relu2", ReLUSquared)
 
 @registry.norm.register("RMSNorm")
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` (Zhang and Sennrich, 2019), computed in fp32.
-    ``unit_offset`` scales by ``1 + weight`` instead (Gemma stores weights that way)."""
+    """``x / rms(x) * weight`` (Zhang and Sennrich, 2019), computed in fp32 (fp64 stays
+    fp64). ``unit_offset`` scales by ``1 + weight`` instead (Gemma stores weights that way)."""
 
     def __init__(self, size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
         super().__init__()
@@ -54,8 +54,9 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() + 1 if self.unit_offset else self.weight.float()
-        return F.rms_norm(x.float(), weight.shape, weight, self.eps).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight.to(dtype) + 1 if self.unit_offset else self.weight.to(dtype)
+        return F.rms_norm(x.to(dtype), weight.shape, weight, self.eps).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.weight, 0.0 if self.unit_offset else 1.0)

@@ -1,0 +1,226 @@
+"""Multi-head latent attention: a naive reference, the latent cache, gradients and
+parity with transformers' DeepseekV3Attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lab import GPT, Config, ConfigError
+from lab.generate import generate, supports_kv_cache, supports_padding
+from lab.mla import LatentCache, MultiHeadLatentAttention
+
+MLA = dict(
+    n_layer=2, n_embd=32, n_head=4, vocab_size=61, block_size=24, attention_class_name="MLA",
+    q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+)  # fmt: skip
+
+
+def mla_config(**overrides) -> Config:
+    return Config(**{**MLA, **overrides})
+
+
+def naive_mla(attn: MultiHeadLatentAttention, x: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V2's equations written out: full per-head keys and values from the
+    latent, RoPE (rotate-half layout) on the decoupled part, causal softmax."""
+    B, T, _ = x.shape
+    nh, nope, rope, dv = attn.n_head, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
+
+    def rms(t, weight, eps):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    if attn.q_lora_rank is None:
+        q = x @ attn.q_proj.weight.T
+    else:
+        c_q = rms(x @ attn.q_a_proj.weight.T, attn.q_a_norm.weight, attn.q_a_norm.eps)
+        q = c_q @ attn.q_b_proj.weight.T
+    q = q.view(B, T, nh, nope + rope)
+    kv_a = x @ attn.kv_a_proj.weight.T
+    c_kv = rms(kv_a[..., : attn.kv_lora_rank], attn.kv_a_norm.weight, attn.kv_a_norm.eps)
+    k_rope = kv_a[..., attn.kv_lora_rank :]  # (B, T, rope): one head for all
+    kv = (c_kv @ attn.kv_b_proj.weight.T).view(B, T, nh, nope + dv)
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+
+    # Angles in fp32, as lab computes them (its RoPE table is fp32 whatever the model's dtype)
+    inv_freq = attn.config.rope_base ** -(torch.arange(0, rope, 2) / rope)
+    angles = torch.cat([torch.arange(T).float()[:, None] * inv_freq] * 2, dim=-1)  # (T, rope)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+    def rotate(t):  # (..., T, rope) with T third from the end for q, second for k
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+    q_rope = rotate(q[..., nope:].transpose(1, 2))  # (B, nh, T, rope)
+    k_rope = rotate(k_rope)  # (B, T, rope)
+    out = torch.zeros(B, T, nh, dv, dtype=x.dtype)
+    for h in range(nh):
+        scores = q[:, :, h, :nope] @ k_nope[:, :, h].transpose(1, 2)
+        scores = scores + q_rope[:, h] @ k_rope.transpose(1, 2)
+        scores = scores / math.sqrt(nope + rope)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ v[:, :, h]
+    return out.reshape(B, T, nh * dv) @ attn.proj.weight.T
+
+
+@pytest.mark.parametrize("q_lora_rank", [12, None])
+def test_mla_equals_the_naive_reference(q_lora_rank):
+    torch.manual_seed(0)
+    config = mla_config(q_lora_rank=q_lora_rank)
+    model = GPT(config).double()
+    attn = model.transformer.h[0].attn
+    assert isinstance(attn, MultiHeadLatentAttention)
+    assert attn.scale == pytest.approx(1 / math.sqrt(6 + 4))
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), naive_mla(attn, x), atol=1e-12, rtol=1e-10)
+
+
+def test_parameter_shapes_follow_the_low_rank_layout():
+    attn = GPT(mla_config()).transformer.h[0].attn
+    shapes = {name: tuple(p.shape) for name, p in attn.named_parameters()}
+    assert shapes == {
+        "q_a_proj.weight": (12, 32),
+        "q_a_norm.weight": (12,),
+        "q_b_proj.weight": (4 * 10, 12),  # heads x (nope + rope)
+        "kv_a_proj.weight": (10 + 4, 32),  # latent + one shared rotary key head
+        "kv_a_norm.weight": (10,),
+        "kv_b_proj.weight": (4 * (6 + 5), 10),  # heads x (k_nope + v)
+        "proj.weight": (32, 4 * 5),  # heads x v_head_dim
+    }
+
+
+VARIANTS = {
+    "low-rank-q": {},
+    "plain-q": dict(q_lora_rank=None),
+    "derived-sizes": dict(
+        q_lora_rank=None, kv_lora_rank=None, qk_nope_head_dim=None, qk_rope_head_dim=None,
+        v_head_dim=None,
+    ),
+    "nope": dict(positional="none"),
+    "sliding-window": dict(sliding_window_size=4),
+    "sinks-and-gate": dict(attention_sinks=True, attention_gate="elementwise"),
+    "hybrid": dict(layer_overrides={1: {"attention_class_name": "CausalSelfAttention"}}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_latent_cache_decoding_equals_full_recomputation(name):
+    torch.manual_seed(0)
+    model = GPT(mla_config(**VARIANTS[name])).eval()
+    idx = torch.randint(0, 61, (2, 14))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=2)
+        pieces = [model(idx[:, :5], input_pos=torch.arange(5))]
+        pieces.append(model(idx[:, 5:8], input_pos=torch.arange(5, 8)))
+        for t in range(8, 14):
+            pieces.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cache_holds_the_latent_and_the_rotary_key_only():
+    model = GPT(mla_config())
+    model.set_kv_cache(batch_size=3, max_seq_length=20)
+    cache = model.transformer.h[0].attn.kv_cache
+    assert isinstance(cache, LatentCache)
+    buffers = {name: tuple(b.shape) for name, b in cache.named_buffers()}
+    assert buffers == {"k": (3, 1, 20, 10), "v": (3, 1, 20, 4)}  # kv_lora_rank, qk_rope_head_dim
+
+
+def test_static_cache_with_a_mask_equals_the_growing_cache():
+    torch.manual_seed(0)
+    model = GPT(mla_config()).eval()
+    idx = torch.randint(0, 61, (1, 8))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=1, max_seq_length=16, static=True)
+        steps = []
+        for t in range(8):
+            mask = torch.arange(16)[None, :] <= t  # hide the positions not written yet
+            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]), mask=mask))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_on_a_tiny_double_layer():
+    torch.manual_seed(0)
+    config = mla_config(n_embd=8, n_head=2, q_lora_rank=4, kv_lora_rank=4, qk_nope_head_dim=2,
+                        qk_rope_head_dim=2, v_head_dim=3)  # fmt: skip
+    attn = MultiHeadLatentAttention(config).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    weights = tuple(attn.parameters())
+
+    def run(x, *params):
+        values = dict(zip([n for n, _ in attn.named_parameters()], params, strict=True))
+        return torch.func.functional_call(attn, values, (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *weights), fast_mode=True)
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = GPT(mla_config(attention_sinks=True, attention_gate="headwise"))
+    idx = torch.randint(0, 61, (2, 12))
+    F.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+def test_generation_with_the_latent_cache_equals_recomputation():
+    torch.manual_seed(0)
+    model = GPT(mla_config(block_size=40))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # far from ties
+    assert supports_kv_cache(model) and supports_padding(model)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(61, (n,), generator=g) for n in (5, 9, 1)]
+    cached = generate(model, prompts, 8, temperature=0)
+    recomputed = generate(model, prompts, 8, temperature=0, kv_cache=False)
+    alone = [generate(model, p, 8, temperature=0) for p in prompts]
+    for a, b, c in zip(cached, recomputed, alone, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_mla_with_positions_other_than_rope_is_a_config_error():
+    with pytest.raises(ConfigError, match="positional"):
+        mla_config(positional="alibi")
+    with pytest.raises(ConfigError, match="qk_rope_head_dim"):
+        mla_config(qk_rope_head_dim=3)
+    with pytest.raises(ConfigError, match="kv_lora_rank"):
+        mla_config(kv_lora_rank=0)
+
+
+def test_matches_transformers_deepseek_v3_attention():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+    torch.manual_seed(0)
+    hf_config = transformers.DeepseekV3Config(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=12,
+        kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
+        rope_interleave=False, rms_norm_eps=1e-6, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+    hf_config._attn_implementation = "eager"
+    theirs = hf.DeepseekV3Attention(hf_config, layer_idx=0).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ours = MultiHeadLatentAttention(mla_config(norm_eps=1e-6)).eval()
+    names = {"q_a_layernorm": "q_a_norm", "kv_a_proj_with_mqa": "kv_a_proj",
+             "kv_a_layernorm": "kv_a_norm", "o_proj": "proj"}  # fmt: skip
+    state = {}
+    for name, value in theirs.state_dict().items():
+        module, leaf = name.rsplit(".", 1)
+        state[f"{names.get(module, module)}.{leaf}"] = value
+    ours.load_state_dict(state)
+
+    x = torch.randn(2, 7, 32)
+    position_ids = torch.arange(7)[None].expand(2, -1)
+    cos_sin = hf.DeepseekV3RotaryEmbedding(hf_config)(x, position_ids)
+    causal = torch.full((7, 7), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        expected, _ = theirs(x, position_embeddings=cos_sin, attention_mask=causal)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
