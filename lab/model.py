@@ -282,12 +282,14 @@ class CausalSelfAttention(nn.Module):
         last T of the S positions; returns (B, T, nh, hs). ``mask`` (bool, True =
         may attend, broadcastable to (B, nh, T, S)) is combined with the causal mask,
         e.g. to hide padding. Uses PyTorch's fused kernel unless scores must be seen
-        (soft-capping, sinks, or a probe's ``attention_hook``).
+        (soft-capping, or a probe's ``attention_hook``).
         """
         T, S = q.size(1), k.size(1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
         bias = self.attention_bias(T, S, q.device, q.dtype, mask)
-        if self.softcap is None and self.attention_hook is None and self.sinks is None:
+        if self.softcap is None and self.attention_hook is None:
+            if self.sinks is not None:
+                q, k, v, bias = self.add_sink_key(q, k, v, bias)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, is_causal=bias is None and T > 1,
                 scale=self.scale, enable_gqa=self.n_query_groups != self.n_head,
@@ -295,6 +297,26 @@ class CausalSelfAttention(nn.Module):
         else:
             y = self.attention_weights(q, k, bias) @ _expand(v, self.n_head)
         return y.transpose(1, 2)
+
+    def add_sink_key(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """The sinks as one more key, seen by every query, whose value is zero: then the
+        fused kernel adds ``exp(sink)`` to each softmax denominator. Its score must be
+        the head's sink logit whatever the query, so queries and keys get one more
+        dimension: ``sink / scale`` in every query of the head, 1 in the sink key, 0 in
+        the others. q (B, nh, T, hs), k and v (B, ng, S, hs) -> S + 1 keys, sink first."""
+        B, nh, T, _ = q.shape
+        extra = (self.sinks / self.scale).to(q.dtype).view(1, nh, 1, 1).expand(B, nh, T, 1)
+        q = torch.cat((q, extra), dim=-1)
+        k = F.pad(k, (0, 1, 1, 0))  # (B, ng, 1 + S, hs + 1), zeros around
+        k[:, :, 0, -1] = 1.0
+        v = F.pad(v, (0, 0, 1, 0))
+        if bias is None and T > 1:
+            bias = causal_mask(T, k.size(2) - 1, q.device)
+        if bias is not None:
+            bias = F.pad(bias, (1, 0), value=True if bias.dtype == torch.bool else 0.0)
+        return q, k, v, bias
 
     def attention_weights(
         self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None
@@ -312,12 +334,12 @@ class CausalSelfAttention(nn.Module):
             scores = scores + bias
         if hook is not None:
             scores = hook("scores", scores)
+        dtype = torch.promote_types(scores.dtype, torch.float32)  # fp32, or fp64
         if self.sinks is None:
-            pattern = scores.softmax(dim=-1, dtype=torch.float32)
+            pattern = scores.softmax(dim=-1, dtype=dtype)
         else:  # the sink is one more logit per head in the denominator, attending to nothing
             sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-            pattern = torch.cat((scores, sink), dim=-1).softmax(dim=-1, dtype=torch.float32)
-            pattern = pattern[..., :-1]
+            pattern = torch.cat((scores, sink), dim=-1).softmax(dim=-1, dtype=dtype)[..., :-1]
         pattern = pattern.to(q.dtype)
         return pattern if hook is None else hook("pattern", pattern)
 
