@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lab import GPT, Config, ConfigError
+from lab.cache_size import CacheSize, kv_cache_size
 from lab.generate import generate, supports_kv_cache, supports_padding
 from lab.mla import LatentCache, MultiHeadLatentAttention
 
@@ -224,3 +225,40 @@ def test_matches_transformers_deepseek_v3_attention():
     with torch.no_grad():
         expected, _ = theirs(x, position_embeddings=cos_sin, attention_mask=causal)
         torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- cache sizes ------------------------------------------------------------------------------
+
+
+def test_cache_size_per_token_mha_gqa_mla_and_deltanet():
+    """Bytes per token in bf16 at DeepSeek-V3's attention sizes (61 layers, 128 heads):
+    MLA's 70 KB against 4 MB for multi-head attention; a DeltaNet state is fixed."""
+    big = dict(n_layer=61, n_embd=7168, n_head=128, head_size=128, vocab_size=129280)
+    mha = kv_cache_size(Config(**big))
+    gqa = kv_cache_size(Config(**big, n_query_groups=8))
+    mla = kv_cache_size(Config(**big, attention_class_name="MLA", q_lora_rank=1536,
+                               kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                               v_head_dim=128))  # fmt: skip
+    assert mha == CacheSize(per_token=61 * 2 * 128 * 128 * 2, fixed=0)
+    assert gqa == CacheSize(per_token=61 * 2 * 8 * 128 * 2, fixed=0)
+    assert mla == CacheSize(per_token=61 * (512 + 64) * 2, fixed=0)
+    assert mla.at(1000) == 70_272_000
+
+    delta = dict(
+        attention_class_name="GatedDeltaNet",
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+    )
+    hybrid = Config(**{**big, "n_layer": 4}, **delta, layer_overrides={3: {
+        "attention_class_name": "CausalSelfAttention", "n_query_groups": 2}})  # fmt: skip
+    conv = 3 * (2 * 16 * 128 + 32 * 128) * 2  # the last 3 inputs of the convolution, bf16
+    state = 32 * 128 * 128 * 4  # fp32
+    assert kv_cache_size(hybrid, batch_size=2) == CacheSize(
+        per_token=2 * (2 * 2 * 128 * 2), fixed=2 * 3 * (conv + state)
+    )
+
+
+def test_cache_size_of_a_named_config():
+    assert kv_cache_size(Config.from_name("Llama-3.2-1B")) == CacheSize(32768, 0)
