@@ -222,3 +222,9 @@ def test_matches_transformers_qwen3_next_gated_deltanet():
         ours.proj.weight.copy_(theirs.out_proj.weight)
         x = torch.randn(2, 70, 32)
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_decoding_is_refused_with_a_clear_error():
+    model = GPT(hybrid())
+    with pytest.raises(ValueError, match=r"0 \(GatedDeltaNet\), 1 \(GatedDeltaNet\)"):
+        generate(model, torch.tensor([1, 2, 3]), 2, compile=True)
