@@ -286,6 +286,12 @@ class Config:
                 f"MLA rotates its decoupled RoPE part or nothing; positional "
                 f"({self.positional!r}) must be 'rope' or 'none'",
             )
+            _require(
+                not self.norm_qk,
+                "norm_qk",
+                "MLA normalises its query and key-value latents (q_a_norm, kv_a_norm); "
+                "set norm_qk=False",
+            )
             rope = self.mla_sizes()["qk_rope_head_dim"]
             _require(
                 self.positional != "rope" or (rope >= 2 and rope % 2 == 0),

@@ -96,7 +96,7 @@ def gated_delta_rule_chunked(
     chunks with tokens that change nothing (k = 0, beta = 0, g = 0).
     """
     B, T, H, dk = k.shape
-    dv, C = v.size(-1), chunk_size
+    dv, C = v.size(-1), min(chunk_size, T)  # a short sequence is one short chunk
     out_dtype, dtype = q.dtype, torch.promote_types(q.dtype, torch.float32)
     pad = -T % C
 

@@ -185,13 +185,15 @@ def test_generation_with_the_latent_cache_equals_recomputation():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_mla_with_positions_other_than_rope_is_a_config_error():
+def test_bad_mla_settings_are_config_errors():
     with pytest.raises(ConfigError, match="positional"):
         mla_config(positional="alibi")
     with pytest.raises(ConfigError, match="qk_rope_head_dim"):
         mla_config(qk_rope_head_dim=3)
     with pytest.raises(ConfigError, match="kv_lora_rank"):
         mla_config(kv_lora_rank=0)
+    with pytest.raises(ConfigError, match="norm_qk"):
+        mla_config(norm_qk=True)
 
 
 def test_matches_transformers_deepseek_v3_attention():
