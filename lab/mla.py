@@ -114,8 +114,11 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         q, k_rope = self.add_positions(q, k_rope, input_pos)
         if self.kv_cache is not None and input_pos is not None:
             latent, k_rope = self.kv_cache(input_pos, latent, k_rope)
-        k, v = self.expand(latent, k_rope)
-        y = self.scaled_dot_product_attention(q, k, v, mask=mask)  # (B, T, nh, v_head_dim)
+        if T == 1:  # decoding: attend in the latent space, nothing expanded
+            y = self.latent_attention(q, latent, k_rope, mask)
+        else:
+            k, v = self.expand(latent, k_rope)
+            y = self.scaled_dot_product_attention(q, k, v, mask=mask)  # (B, T, nh, v_head_dim)
         return self.proj(self.gated(x, y).reshape(B, T, -1))
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +151,28 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         k_nope, v = kv.split((self.qk_nope_head_dim, self.v_head_dim), dim=-1)
         k_rope = k_rope[:, :, None].expand(B, S, self.n_head, self.qk_rope_head_dim)
         return torch.cat((k_nope, k_rope), dim=-1), v
+
+    def latent_attention(
+        self,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The same attention as ``expand`` then ``scaled_dot_product_attention``, with
+        ``kv_b_proj`` absorbed (DeepSeek-V2, section 2.1.2): ``q_nope . (W_UK c)`` is
+        ``(W_UK^T q_nope) . c``, and ``sum_s p_s W_UV c_s`` is ``W_UV sum_s p_s c_s``.
+        So each query head attends to one shared key ``[c | k_rope]`` and value ``c``
+        (multi-query attention over the cached latent) and the per-head matrices apply
+        to T queries instead of S cached positions: cheaper when T is much smaller than
+        S, as in decoding."""
+        w = self.kv_b_proj.weight.view(self.n_head, -1, self.kv_lora_rank)
+        w_uk, w_uv = w.split((self.qk_nope_head_dim, self.v_head_dim), dim=1)
+        q_nope, q_rope = q.split((self.qk_nope_head_dim, self.qk_rope_head_dim), dim=-1)
+        q = torch.cat((torch.einsum("bthn,hnr->bthr", q_nope, w_uk), q_rope), dim=-1)
+        k = torch.cat((latent, k_rope), dim=-1)[:, :, None]  # (B, S, 1, r + rope)
+        y = self.scaled_dot_product_attention(q, k, latent[:, :, None], mask=mask)
+        return torch.einsum("bthr,hvr->bthv", y, w_uv)  # (B, T, nh, v_head_dim)
 
     def set_kv_cache(
         self,

@@ -292,7 +292,7 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, bias = self.add_sink_key(q, k, v, bias)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, is_causal=bias is None and T > 1,
-                scale=self.scale, enable_gqa=self.n_query_groups != self.n_head,
+                scale=self.scale, enable_gqa=k.size(1) != q.size(1),
             )  # fmt: skip
         else:
             y = self.attention_weights(q, k, bias) @ _expand(v, self.n_head)

@@ -78,6 +78,26 @@ def test_mla_equals_the_naive_reference(q_lora_rank):
     torch.testing.assert_close(attn(x), naive_mla(attn, x), atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+def test_absorbed_latent_attention_equals_expanded_keys_and_values(sinks):
+    """Decoding attends in the latent space (kv_b_proj absorbed into the query and the
+    output); it must equal expanding every cached latent to keys and values."""
+    torch.manual_seed(0)
+    attn = MultiHeadLatentAttention(mla_config(attention_sinks=sinks)).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(std=0.5)
+    B, T, S = 2, 3, 9
+    q = torch.randn(B, T, 4, 10, dtype=torch.float64)
+    latent = torch.randn(B, S, 10, dtype=torch.float64)
+    k_rope = torch.randn(B, S, 4, dtype=torch.float64)
+    mask = torch.rand(B, 1, T, S) < 0.7
+    mask[..., -1] = True  # every query sees at least one key
+    expanded = attn.scaled_dot_product_attention(q, *attn.expand(latent, k_rope), mask=mask)
+    absorbed = attn.latent_attention(q, latent, k_rope, mask=mask)
+    torch.testing.assert_close(absorbed, expanded, atol=1e-12, rtol=1e-10)
+
+
 def test_parameter_shapes_follow_the_low_rank_layout():
     attn = GPT(mla_config()).transformer.h[0].attn
     shapes = {name: tuple(p.shape) for name, p in attn.named_parameters()}
