@@ -228,3 +228,17 @@ def test_compiled_decoding_is_refused_with_a_clear_error():
     model = GPT(hybrid())
     with pytest.raises(ValueError, match=r"0 \(GatedDeltaNet\), 1 \(GatedDeltaNet\)"):
         generate(model, torch.tensor([1, 2, 3]), 2, compile=True)
+
+
+def test_meta_device_build_then_reset_initialises_every_parameter():
+    with torch.device("meta"):
+        model = GPT(hybrid())
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.reset_parameters()
+    layer = model.transformer.h[0].attn
+    A = layer.A_log.exp()
+    dt = F.softplus(layer.dt_bias)
+    assert ((A >= 1) & (A <= 16)).all() and ((dt >= 1e-3 - 1e-9) & (dt <= 0.1 + 1e-9)).all()
+    assert torch.equal(layer.norm.weight, torch.ones(5))
+    assert torch.isfinite(model(torch.randint(0, 61, (1, 7)))).all()

@@ -284,3 +284,14 @@ def test_cache_size_per_token_mha_gqa_mla_and_deltanet():
 
 def test_cache_size_of_a_named_config():
     assert kv_cache_size(Config.from_name("Llama-3.2-1B")) == CacheSize(32768, 0)
+
+
+def test_meta_device_build_then_reset_initialises_every_parameter():
+    with torch.device("meta"):
+        model = GPT(mla_config(attention_sinks=True, attention_gate="elementwise"))
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    attn = model.transformer.h[0].attn
+    assert torch.equal(attn.sinks, torch.zeros(4))
+    assert torch.equal(attn.kv_a_norm.weight, torch.ones(10))
+    assert torch.isfinite(model(torch.randint(0, 61, (1, 7)))).all()
