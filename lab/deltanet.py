@@ -213,7 +213,13 @@ class GatedDeltaNet(nn.Module):
     A drop-in for the attention of a ``Block``: ``forward(x, input_pos, mask)`` and
     ``set_kv_cache`` as ``CausalSelfAttention`` has them. ``mask`` is read only for
     left padding (the keys the last query may see are the real tokens): padding is
-    zeroed before the convolution, so it writes nothing into the state.
+    zeroed before the convolution, so it writes nothing into the state. Fields that
+    only attention reads (positions, windows, sinks, gates, soft-capping) are ignored:
+    the order of tokens is in the recurrence itself.
+
+    Parameters (transformers' Qwen3-Next names in brackets): ``in_proj`` [in_proj_qkvz
+    and in_proj_ba, whose rows transformers groups by key head], ``conv1d``, ``A_log``,
+    ``dt_bias``, ``norm`` and ``proj`` [out_proj].
     """
 
     supports_kv_cache = True
@@ -229,15 +235,11 @@ class GatedDeltaNet(nn.Module):
         self.kernel_size = sizes["conv_kernel_size"]
         key_dim = self.num_key_heads * self.key_head_dim
         value_dim = self.num_value_heads * self.value_head_dim
-        self.split_sizes = (
-            2 * key_dim + value_dim,
-            value_dim,
-            self.num_value_heads,
-            self.num_value_heads,
-        )
         self.conv_dim = 2 * key_dim + value_dim  # [q | k | v] go through the convolution
+        nv = self.num_value_heads
+        self.split_sizes = (self.conv_dim, value_dim, nv, nv)  # [q k v | z | b | a]
         attn_bias = config.bias if config.attn_bias is None else config.attn_bias
-        self.in_proj = nn.Linear(config.n_embd, sum(self.split_sizes), bias=attn_bias)  # qkv|z|b|a
+        self.in_proj = nn.Linear(config.n_embd, sum(self.split_sizes), bias=attn_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=False
         )

@@ -18,6 +18,14 @@ another size (``v_head_dim``) than queries and keys.
 
 Everything after the projections (masks, sliding windows, sinks, gates, soft-capping,
 probes) is ``CausalSelfAttention``'s, which this class extends.
+
+transformers' DeepseekV3Attention names: ``q_proj``, ``q_a_proj``, ``q_a_layernorm``
+(here ``q_a_norm``), ``q_b_proj``, ``kv_a_proj_with_mqa`` (``kv_a_proj``),
+``kv_a_layernorm`` (``kv_a_norm``), ``kv_b_proj``, ``o_proj`` (``proj``). RoPE here
+rotates halves, as transformers with ``rope_interleave=False``; DeepSeek's checkpoints
+(``rope_interleave=True``) rotate pairs, which a converter turns into halves by
+permuting the rotary rows of ``q_b_proj`` (per head) and ``kv_a_proj``. YaRN's
+``mscale`` goes into ``attention_scale``.
 """
 
 from __future__ import annotations
