@@ -216,7 +216,17 @@ def test_bad_mla_settings_are_config_errors():
         mla_config(norm_qk=True)
 
 
-def test_matches_transformers_deepseek_v3_attention():
+def deinterleave_rope_rows(weight: torch.Tensor, groups: int, rope: int) -> torch.Tensor:
+    """Rows (groups * (d + rope), in) whose last ``rope`` rows per group are rotated in
+    pairs (x0 x1)(x2 x3)... -> the same rotation in halves (x0 x2 ... | x1 x3 ...)."""
+    rows = weight.view(groups, -1, weight.size(-1))
+    d = rows.size(1) - rope
+    order = torch.cat((torch.arange(0, rope, 2), torch.arange(1, rope, 2))) + d
+    return torch.cat((rows[:, :d], rows[:, order]), dim=1).reshape_as(weight)
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_matches_transformers_deepseek_v3_attention(interleave):
     transformers = pytest.importorskip("transformers")
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
@@ -224,7 +234,7 @@ def test_matches_transformers_deepseek_v3_attention():
     hf_config = transformers.DeepseekV3Config(
         hidden_size=32, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=12,
         kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5,
-        rope_interleave=False, rms_norm_eps=1e-6, max_position_embeddings=64,
+        rope_interleave=interleave, rms_norm_eps=1e-6, max_position_embeddings=64,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )  # fmt: skip
     hf_config._attn_implementation = "eager"
@@ -238,6 +248,9 @@ def test_matches_transformers_deepseek_v3_attention():
     for name, value in theirs.state_dict().items():
         module, leaf = name.rsplit(".", 1)
         state[f"{names.get(module, module)}.{leaf}"] = value
+    if interleave:  # DeepSeek's checkpoints rotate pairs; lab rotates halves
+        state["q_b_proj.weight"] = deinterleave_rope_rows(state["q_b_proj.weight"], 4, 4)
+        state["kv_a_proj.weight"] = deinterleave_rope_rows(state["kv_a_proj.weight"], 1, 4)
     ours.load_state_dict(state)
 
     x = torch.randn(2, 7, 32)
