@@ -278,7 +278,7 @@ class GatedDeltaNet(nn.Module):
         o, state = rule(q, k, v, g, beta, past_state)
         if cache is not None:
             cache.write(conv, state, int(input_pos[-1]) + 1)
-        o = self.norm(o, z.view(B, T, self.num_value_heads, self.value_head_dim))
+        o = self.norm(o.to(x.dtype), z.view(B, T, self.num_value_heads, self.value_head_dim))
         return self.proj(o.reshape(B, T, -1))
 
     def convolve(

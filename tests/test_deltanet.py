@@ -242,3 +242,20 @@ def test_meta_device_build_then_reset_initialises_every_parameter():
     assert ((A >= 1) & (A <= 16)).all() and ((dt >= 1e-3 - 1e-9) & (dt <= 0.1 + 1e-9)).all()
     assert torch.equal(layer.norm.weight, torch.ones(5))
     assert torch.isfinite(model(torch.randint(0, 61, (1, 7)))).all()
+
+
+def test_bfloat16_model_runs_and_decodes_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPT(hybrid()).eval()
+    idx = torch.randint(0, 61, (2, 70))
+    with torch.no_grad():
+        reference = model(idx)
+        model.to(torch.bfloat16)
+        full = model(idx)
+        model.set_kv_cache(batch_size=2)
+        model(idx[:, :69], input_pos=torch.arange(69))
+        last = model(idx[:, 69:], input_pos=torch.tensor([69]))
+    assert full.dtype == torch.bfloat16
+    assert model.transformer.h[0].attn.kv_cache.state.dtype == torch.float32
+    torch.testing.assert_close(full.float(), reference, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(last.float()[:, -1], reference[:, -1], atol=0.05, rtol=0.05)
