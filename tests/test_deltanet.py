@@ -259,3 +259,19 @@ def test_bfloat16_model_runs_and_decodes_close_to_fp32():
     assert model.transformer.h[0].attn.kv_cache.state.dtype == torch.float32
     torch.testing.assert_close(full.float(), reference, atol=0.05, rtol=0.05)
     torch.testing.assert_close(last.float()[:, -1], reference[:, -1], atol=0.05, rtol=0.05)
+
+
+def test_gradcheck_of_the_whole_layer():
+    torch.manual_seed(0)
+    config = hybrid(n_embd=8, linear_num_key_heads=1, linear_num_value_heads=2,
+                    linear_key_head_dim=2, linear_value_head_dim=2)  # fmt: skip
+    layer = GatedDeltaNet(config).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def run(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *layer.parameters()), fast_mode=True)
