@@ -58,6 +58,7 @@ EXAMPLES = {
 # Where a positional scheme acts (see lab.positional): the class attribute ``level``.
 POSITIONAL_LEVELS = ("embedding", "attention", "none")
 ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_bias", "expert_choice")
+ATTENTION_GATES = ("elementwise", "headwise")  # one gate per output value, or per head
 
 
 @dataclass
@@ -127,6 +128,22 @@ class Config:
     moe_bias: bool = False  # router and experts have biases (GPT-OSS)
     moe_swiglu_limit: float | None = None  # GPT-OSS's clamped SwiGLU experts, clamped here
     shared_expert_gate: bool = False  # a sigmoid gate scales the shared experts (Qwen2/3-MoE)
+    # --- attention variants and other token mixers (checked in _check_mixer_values) ----
+    # Attention sinks (GPT-OSS) and output gates (Qwen3-Next) on CausalSelfAttention:
+    attention_sinks: bool = False  # a learned per-head logit in the softmax denominator
+    attention_gate: str | None = None  # see ATTENTION_GATES: sigmoid(x W) * attention output
+    # Multi-head latent attention (attention_class_name="MLA", lab/mla.py); None = derived:
+    q_lora_rank: int | None = None  # low-rank query; None: one plain query projection
+    kv_lora_rank: int | None = None  # the cached latent; 4 * head_size if None
+    qk_nope_head_dim: int | None = None  # query/key dims without RoPE; head_size if None
+    qk_rope_head_dim: int | None = None  # rotated dims, one key head shared; head_size // 2
+    v_head_dim: int | None = None  # value head size; head_size if None
+    # Gated DeltaNet (attention_class_name="GatedDeltaNet", lab/deltanet.py):
+    linear_num_key_heads: int | None = None  # query/key heads; n_head if None
+    linear_num_value_heads: int | None = None  # value heads (a multiple); the key heads if None
+    linear_key_head_dim: int | None = None  # head_size if None
+    linear_value_head_dim: int | None = None  # head_size if None
+    linear_conv_kernel_size: int = 4  # the short causal depthwise convolution
     # --- per-layer overrides ----------------------------------------------------------
     # {layer index: {field: value}}, e.g. {0: {"mlp_class_name": "GatedMLP"}} for a dense
     # first layer in an MoE model, or sliding windows on every other layer.
@@ -310,6 +327,7 @@ class Config:
                 else "register a norm class that takes (size, eps=...)"
             ),
         )
+        self._check_mixer_values()
 
     def _check_rope_scaling(self) -> None:
         """``rope_scaling`` has a known type, the keys that type needs (and no others),
@@ -415,6 +433,71 @@ class Config:
             not self.shared_expert_gate or self.n_shared_expert > 0,
             "shared_expert_gate",
             "shared_expert_gate=True gates the shared experts, but n_shared_expert is 0",
+        )
+
+    def _check_mixer_values(self) -> None:
+        """Checks of the attention-variant and mixer fields (per layer)."""
+        _require(
+            self.attention_gate is None or self.attention_gate in ATTENTION_GATES,
+            "attention_gate",
+            f"attention_gate ({self.attention_gate!r}) must be None or one of "
+            f"{list(ATTENTION_GATES)}",
+        )
+        for name in (
+            "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+            "linear_value_head_dim", "linear_conv_kernel_size",
+        ):  # fmt: skip
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        if self.attention_class_name == "MLA":
+            _require(
+                self.positional in ("rope", "none"),
+                "positional",
+                f"MLA rotates its decoupled RoPE part or nothing; positional "
+                f"({self.positional!r}) must be 'rope' or 'none'",
+            )
+            _require(
+                not self.norm_qk,
+                "norm_qk",
+                "MLA normalises its query and key-value latents (q_a_norm, kv_a_norm); "
+                "set norm_qk=False",
+            )
+            rope = self.mla_sizes()["qk_rope_head_dim"]
+            _require(
+                self.positional != "rope" or (rope >= 2 and rope % 2 == 0),
+                "qk_rope_head_dim",
+                f"qk_rope_head_dim ({rope}) must be even and >= 2 for RoPE; set it explicitly",
+            )
+        if self.attention_class_name == "GatedDeltaNet":
+            sizes = self.deltanet_sizes()
+            keys, values = sizes["num_key_heads"], sizes["num_value_heads"]
+            _require(
+                values % keys == 0,
+                "linear_num_value_heads",
+                f"linear_num_value_heads ({values}) must be a multiple of linear_num_key_heads "
+                f"({keys}): each key head serves a group of value heads",
+            )
+
+    def mla_sizes(self) -> dict[str, int | None]:
+        """Multi-head latent attention's sizes, the ``None`` fields derived."""
+        return dict(
+            q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank or 4 * self.head_size,
+            qk_nope_head_dim=self.qk_nope_head_dim or self.head_size,
+            qk_rope_head_dim=self.qk_rope_head_dim or self.head_size // 2,
+            v_head_dim=self.v_head_dim or self.head_size,
+        )
+
+    def deltanet_sizes(self) -> dict[str, int]:
+        """Gated DeltaNet's sizes, the ``None`` fields derived."""
+        keys = self.linear_num_key_heads or self.n_head
+        return dict(
+            num_key_heads=keys,
+            num_value_heads=self.linear_num_value_heads or keys,
+            key_head_dim=self.linear_key_head_dim or self.head_size,
+            value_head_dim=self.linear_value_head_dim or self.head_size,
+            conv_kernel_size=self.linear_conv_kernel_size,
         )
 
     # --- derived values and components -------------------------------------------------

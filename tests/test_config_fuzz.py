@@ -55,7 +55,7 @@ def rope_scalings(draw) -> dict:
 
 FIELDS = {
     "name": st.sampled_from(["", "tiny"]),
-    "attention_class_name": st.just("CausalSelfAttention"),
+    "attention_class_name": st.sampled_from(["CausalSelfAttention", "MLA", "GatedDeltaNet"]),
     "block_class_name": st.just("Block"),
     "n_layer": st.integers(1, 2),
     "n_embd": st.sampled_from([4, 8, 12, 16]),
@@ -106,6 +106,18 @@ FIELDS = {
     "moe_bias": st.booleans(),
     "moe_swiglu_limit": maybe(st.sampled_from([7.0, 0.5, -1.0])),
     "shared_expert_gate": st.booleans(),
+    "attention_sinks": st.booleans(),
+    "attention_gate": maybe(st.sampled_from(["elementwise", "headwise", "nope"])),
+    "q_lora_rank": maybe(st.integers(1, 8)),
+    "kv_lora_rank": maybe(st.integers(1, 8)),
+    "qk_nope_head_dim": maybe(st.integers(1, 8)),
+    "qk_rope_head_dim": maybe(st.sampled_from([1, 2, 4])),
+    "v_head_dim": maybe(st.integers(1, 8)),
+    "linear_num_key_heads": maybe(st.integers(1, 4)),
+    "linear_num_value_heads": maybe(st.integers(1, 4)),
+    "linear_key_head_dim": maybe(st.integers(1, 8)),
+    "linear_value_head_dim": maybe(st.integers(1, 8)),
+    "linear_conv_kernel_size": st.integers(1, 4),
 }
 PER_LAYER = sorted(set(FIELDS) - GLOBAL_FIELDS)
 
