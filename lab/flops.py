@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -104,16 +103,15 @@ def flops_per_token(config: Config, seq_len: int | None = None, training: bool =
     """
     T = seq_len or config.block_size
     try:
-        with FakeTensorMode():
-            model = memory.fake_model(config)
-            with FlopCounterMode(display=False) as counter:
-                forward: list[dict[str, int]] = []  # the counts before the backward pass
+        model, mode = memory.fake_model(config)
+        with mode, FlopCounterMode(display=False) as counter:
+            forward: list[dict[str, int]] = []  # the counts before the backward pass
 
-                def count_forward() -> None:
-                    forward.append(_by_module(counter))
+            def count_forward() -> None:
+                forward.append(_by_module(counter))
 
-                _, _, runs = memory.fake_step(model, 1, T, on_forward=count_forward)
-                total = _by_module(counter)
+            _, _, runs = memory.fake_step(model, 1, T, on_forward=count_forward)
+            total = _by_module(counter)
     except memory.DATA_DEPENDENT:
         if not formulas.covers(config):
             raise ValueError(

@@ -472,6 +472,7 @@ def _mlp_activations(cfg: Config, N: int, width: int, keeps_fc_2: bool) -> dict[
         return {"mlp_hidden": N * H * width * (3 + keeps_fc_2)}
     return {"mlp_hidden": N * H * width * (1 + keeps_fc_2)}
 
+
 def memory(
     config: Config,
     batch_size: int,

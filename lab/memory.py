@@ -370,26 +370,48 @@ def _fine_tune(model: nn.Module, method: FineTuning) -> None:
         mark_only_adapter_as_trainable(model)
 
 
-def fake_model(config: Config, precision: str = "32-true", method: FineTuning | None = None) -> GPT:
-    """``GPT(config)`` in ``precision``'s parameter dtype with ``method`` applied, built
-    under the caller's ``FakeTensorMode``: the real modules, no storage behind them."""
-    method = method or FineTuning()
+def fake_model(
+    config: Config, precision: str = "32-true", method: FineTuning | None = None
+) -> tuple[GPT, FakeTensorMode]:
+    """``GPT(config)`` in ``precision``'s parameter dtype with ``method`` applied, on
+    fake CPU tensors: the real modules, no storage behind them. Run it under the
+    returned mode."""
+    # real tensors the model keeps as constants (RoPE's frequencies) become fake when used
+    method, mode = method or FineTuning(), FakeTensorMode(allow_non_fake_inputs=True)
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[precision][0])  # fake parameters cannot be converted
     try:
-        model = GPT(config)
-        _fine_tune(model, method)
+        with torch.device("meta"):  # fast, and skips the initialisation
+            model = GPT(config)
+        with mode:
+            _to_fake_cpu(model)
+            _fine_tune(model, method)
     finally:
         torch.set_default_dtype(default)
-    return model
+    return model, mode
+
+
+def _to_fake_cpu(model: nn.Module) -> None:
+    """Replace the meta parameters and buffers of ``model`` by uninitialised ones on the
+    CPU, which under a ``FakeTensorMode`` are fake (tied parameters stay tied). Assigned
+    directly: ``to_empty`` would swap tensors, which fake tensors refuse."""
+    new: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is not None and id(t) not in new:
+                    empty = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                    is_param = isinstance(t, nn.Parameter)
+                    new[id(t)] = nn.Parameter(empty, t.requires_grad) if is_param else empty
+                if t is not None:
+                    tensors[name] = new[id(t)]
 
 
 def parameter_count(config: Config) -> int:
-    """All parameters of ``GPT(config)``, tied embeddings counted once (built on fake
-    tensors, so any registered component counts, and a 70B config takes milliseconds)."""
-    with FakeTensorMode():
-        params = GPT(config).parameters()
-        return sum({StorageWeakRef(p.untyped_storage()): p.numel() for p in params}.values())
+    """All parameters of ``GPT(config)``, tied embeddings counted once (built on the
+    meta device, so any registered component counts, and a 70B config is instant)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPT(config).parameters())
 
 
 def trainable_parameters(
@@ -406,9 +428,8 @@ def trainable_parameters(
     method.check(config)
     if method.method == "none":
         return 0
-    with FakeTensorMode():
-        model = fake_model(config, method=method)
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, _ = fake_model(config, method=method)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def estimate_memory(
@@ -460,8 +481,7 @@ def estimate_memory(
             raise ValueError(f"{name} ({value!r}) must be a positive integer")
     method.check(config)
     try:
-        with FakeTensorMode():
-            return _fake_step(
+        return _fake_step(
                 config, batch_size, seq_len, precision, optimizer,
                 activation_checkpointing, fused_attention, method,
             )  # fmt: skip
@@ -487,8 +507,7 @@ def fake_step(
     precision: str = "32-true",
     on_forward: Callable[[], None] | None = None,
 ) -> tuple[MemoryBreakdown, _SavedTensors, dict[int, int]]:
-    """A training step of a fake ``model`` (built under the caller's ``FakeTensorMode``)
-    on ``batch_size`` sequences of ``seq_len`` tokens, each distinct block run once:
+    """A training step of a fake ``model`` (``fake_model``; run under its mode) on ``batch_size`` sequences of ``seq_len`` tokens, each distinct block run once:
     what it kept, the recorder, and which blocks repeat which (``_Repeats.runs``)."""
     x = torch.zeros(batch_size, seq_len, dtype=torch.long)
     repeats = _Repeats()
@@ -506,14 +525,16 @@ def _fake_step(
     fused_attention: bool,
     method: FineTuning,
 ) -> MemoryBreakdown:
-    model = fake_model(config, precision, method)
+    model, mode = fake_model(config, precision, method)
     if not fused_attention:  # the probe's path: scores materialised
         for module in model.modules():
             if hasattr(module, "attention_hook"):
                 module.attention_hook = lambda name, t: t
-    step, saved, _ = fake_step(model, batch_size, seq_len, precision)
+    with mode:
+        step, saved, _ = fake_step(model, batch_size, seq_len, precision)
+        if method.method == "none":
+            model.set_kv_cache(batch_size, seq_len)
     if method.method == "none":
-        model.set_kv_cache(batch_size, seq_len)
         kv = sum(b.nbytes for name, b in model.named_buffers() if "kv_cache" in name)
         return MemoryBreakdown(
             parameters=step.parameters, gradients=0, optimizer_state=0,
