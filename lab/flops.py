@@ -113,18 +113,17 @@ def flops_per_token(config: Config, seq_len: int | None = None, training: bool =
             _, _, runs = memory.fake_step(model, 1, T, on_forward=count_forward)
             total = _by_module(counter)
     except memory.DATA_DEPENDENT:
-        if not formulas.covers(config):
-            raise ValueError(
-                f"{config.name or 'this config'}: a layer's output depends on the data "
-                "(MoE routing) and another is a registered component; count a real model "
-                "with flops(model, batch)"
-            ) from None
+        memory.require_formulas(config, "flops(model, batch)")
         return formulas.flops_per_token(config, T, training)
     counts = total if training else forward[0]
     count = counts[""] + sum(counts[f"transformer.h.{first}"] for first in runs.values())
     return count // T
 
 
+# --- utilisation -----------------------------------------------------------------------------
+
+# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets; "bf16"/"fp16" are tensor-core
+# rates (FP32 accumulate for the RTX 4090), "fp32" the non-tensor-core rate. SXM parts.
 GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12},
     "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "fp32": 51.2e12},

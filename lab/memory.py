@@ -42,6 +42,17 @@ from lab.model import GPT
 DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
 
+def require_formulas(config: Config, measure: str) -> None:
+    """For a model that fake tensors cannot run (``DATA_DEPENDENT``): fine if
+    ``lab.formulas`` covers every layer, else a ``ValueError`` saying to ``measure``."""
+    if not formulas.covers(config):
+        raise ValueError(
+            f"{config.name or 'this config'}: a layer's output depends on the data (MoE "
+            "routing) and another is a registered component, so neither fake tensors nor "
+            f"lab.formulas can count it; count a real model with {measure}"
+        )
+
+
 # --- the breakdown ---------------------------------------------------------------------
 
 
@@ -486,13 +497,7 @@ def estimate_memory(
                 activation_checkpointing, fused_attention, method,
             )  # fmt: skip
     except DATA_DEPENDENT:
-        if not formulas.covers(config):
-            raise ValueError(
-                f"{config.name or 'this config'}: a layer's output depends on the data "
-                "(MoE routing) and another is a registered component, so neither fake "
-                "tensors nor lab.formulas can count it; measure a real model with "
-                "measure_memory"
-            ) from None
+        require_formulas(config, "measure_memory(model, batch)")
     parts = formulas.memory(
         config, batch_size, seq_len, precision, optimizer,
         activation_checkpointing, fused_attention, method,
