@@ -109,11 +109,21 @@ STOCK = {
 }
 
 
+# MoE variants the formulas leave out: each field must hold this value (read with a
+# default, as older configs lack the fields).
+UNCOUNTED = {"moe_bias": False, "moe_swiglu_limit": None, "shared_expert_gate": False}
+
+
 def covers(config: Config) -> bool:
     """Whether every layer of ``config`` is built from the stock components these
-    formulas describe (not from a registered class of your own)."""
+    formulas describe (not from a registered class of your own, nor an MoE variant in
+    ``UNCOUNTED``)."""
     layers = [config.for_layer(i) for i in range(config.n_layer)]
-    return all(getattr(c, name) in known for c in layers for name, known in STOCK.items())
+    stock = all(getattr(c, name) in known for c in layers for name, known in STOCK.items())
+    plain = all(
+        getattr(c, name, value) == value for c in layers for name, value in UNCOUNTED.items()
+    )
+    return stock and plain
 
 
 def layer_parameters(config: Config, block_idx: int) -> int:

@@ -48,8 +48,9 @@ def require_formulas(config: Config, measure: str) -> None:
     if not formulas.covers(config):
         raise ValueError(
             f"{config.name or 'this config'}: a layer's output depends on the data (MoE "
-            "routing) and another is a registered component, so neither fake tensors nor "
-            f"lab.formulas can count it; count a real model with {measure}"
+            "routing), so fake tensors cannot count it, and lab.formulas does not cover it "
+            "(a registered component, or an MoE variant in lab.formulas.UNCOUNTED); count "
+            f"a real model with {measure}"
         )
 
 
