@@ -23,8 +23,8 @@ from lab.finetune.core import (
     register_method,
     save_adapter,
 )
+from lab.formulas import trainable_parameters
 from lab.generate import generate
-from lab.profile import trainable_parameters
 
 TINY = dict(
     n_layer=3, n_embd=32, n_head=4, n_query_groups=2, vocab_size=40, block_size=32,
@@ -157,7 +157,7 @@ def test_trainable_parameter_counts() -> None:
     estimate = trainable_parameters(
         model.config, "adapter", adapter_prompt_length=P, adapter_start_layer=1
     )
-    assert count == estimate  # lab.profile's formula agrees with the module
+    assert count == estimate  # lab.formulas agrees with the module
 
     model = APPLY["adapter_v2"](base_model())
     mark_only_adapter_as_trainable(model)

@@ -1,5 +1,5 @@
 """LoRA: the update against an explicit reference (GQA parts of the fused QKV), identity
-at init, exact merging, trainable counts (and lab.profile's estimate), freezing modes,
+at init, exact merging, trainable counts (and lab.memory's estimate), freezing modes,
 fine-tuning, adapter-only checkpoints."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lab.finetune.lora import (
     merge_lora,
     unmerge_lora,
 )
-from lab.profile import estimate_memory, measure_memory
+from lab.memory import estimate_memory, measure_memory
 
 TINY = dict(
     n_layer=2, n_embd=32, n_head=4, n_query_groups=2, vocab_size=40, block_size=32,
@@ -127,8 +127,8 @@ def test_trainable_counts_and_freezing_modes() -> None:
 
 
 def test_memory_estimate_matches_measured_lora() -> None:
-    """lab.profile's LoRA estimate (same target names) against the real modules; the
-    thorough comparison is in tests/test_profile.py."""
+    """lab.memory's LoRA estimate (same target names) against the real modules; the
+    thorough comparison is in tests/test_memory.py."""
     for targets in (["projection", "mlp", "head"], ["query", "key", "value"]):
         model = apply_lora(base_model(), r=4, targets=targets)
         mark_only_lora_as_trainable(model)

@@ -3,7 +3,7 @@
 These check a learner's findings rather than a component: the MQAR hunt is graded by
 the accuracy its settings reach; induction scores are compared with the scores lab
 computes with ``lab.probe`` on the same model and batch; a memory prediction with
-``estimate_memory`` (``lab.profile``).
+``estimate_memory`` (``lab.memory``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch import nn
 from lab.config import Config
 from lab.data import MQAR, accuracy
 from lab.exercises.core import call, close, fail, generator, passed
+from lab.memory import estimate_memory
 from lab.model import GPT
 from lab.probe import probe
-from lab.profile import estimate_memory
 from lab.train import fit
 
 # A small recall task: 4 key-value pairs, then the 4 keys asked again (seq_len 15).
@@ -159,14 +159,14 @@ def check_memory_prediction(fn: Callable) -> None:
             right, mine = getattr(expected, name), answer.get(name)
             if mine is None:
                 fail(f"your dict has no {name!r}")
-            if mine == right:
+            if _near(mine, right):
                 continue
-            if mine * 4 == right:
+            if _near(mine * 4, right):
                 fail(f"{name}: you counted numbers, not bytes: a float32 takes 4 bytes")
-            if name == "optimizer_state" and mine * 2 == right:
+            if name == "optimizer_state" and _near(mine * 2, right):
                 fail("optimizer_state is half of what AdamW keeps: two numbers per parameter "
                      "(running averages of the gradient and of its square)")  # fmt: skip
-            if name == "logits" and mine * 2 == right:
+            if name == "logits" and _near(mine * 2, right):
                 fail("logits is half of estimate_memory's: cross-entropy keeps its log-softmax "
                      "for the backward pass, a second (B, T, V) tensor")  # fmt: skip
             if name in ("parameters", "gradients"):
@@ -175,3 +175,9 @@ def check_memory_prediction(fn: Callable) -> None:
                      "and every layer?")  # fmt: skip
             fail(f"on {case} {name} is {mine:,} bytes; estimate_memory counts {right:,}")
     passed("memory prediction", "parameters, gradients, AdamW state and logits on two configs")
+
+
+def _near(mine: float, measured: int) -> bool:
+    """Within 0.1%: ``estimate_memory`` measures the real step, so its totals carry a few
+    bytes a formula leaves out (the scalar loss, AdamW's step counters)."""
+    return abs(mine - measured) <= 0.001 * measured
