@@ -300,3 +300,19 @@ def test_matches_litgpt_lora_on_gqa() -> None:
     reference.load_state_dict(state, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens()), reference(tokens()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", ["MLA", "GatedDeltaNet"])
+def test_mixers_without_a_fused_qkv_are_refused_by_name(mixer):
+    from lab.finetune.adapter_v2 import apply_adapter_v2
+
+    config = Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, block_size=16,
+                    attention_class_name=mixer)  # fmt: skip
+    with pytest.raises(
+        AdapterError, match=r"layer 0's attention .* no fused QKV projection for LoRA"
+    ):
+        apply_lora(GPT(config), r=2, targets=("query", "value"))
+    with pytest.raises(AdapterError, match="no fused QKV projection for AdapterV2"):
+        apply_adapter_v2(GPT(config), start_layer=1)
+    lora = apply_lora(GPT(config), r=2, targets=("projection", "mlp"))  # what it can adapt
+    assert any("lora_A" in name for name, _ in lora.named_parameters())

@@ -104,6 +104,7 @@ class CausalSelfAttention(base.CausalSelfAttention):
     def reset_parameters(self) -> None:
         """Prefix N(0, 1), gates zero: the adapter starts as the identity. (Also what
         ``GPT.reset_parameters`` calls after building on the meta device.)"""
+        super().reset_parameters()  # the base attention's own (sinks)
         nn.init.normal_(self.adapter_prefix)
         nn.init.zeros_(self.adapter_gate)
 

@@ -24,7 +24,12 @@ from lab import registry
 from lab.blocks import blocks_of
 from lab.errors import AdapterError
 from lab.finetune.adapter import add_prefixes
-from lab.finetune.core import mark_only_adapter_as_trainable, mlp_linears, register_method
+from lab.finetune.core import (
+    mark_only_adapter_as_trainable,
+    mlp_linears,
+    qkv_linear,
+    register_method,
+)
 
 __all__ = ["AdapterV2Linear", "apply_adapter_v2", "mark_only_adapter_as_trainable"]
 
@@ -88,7 +93,7 @@ def apply_adapter_v2(model: nn.Module, prompt_length: int = 10, start_layer: int
     blocks = blocks_of(model, "AdapterV2")
     linears = [model.lm_head]
     for i, block in enumerate(blocks):
-        linears += [block.attn.attn, block.attn.proj, *mlp_linears(block, i)]
+        linears += [qkv_linear(block, i, "AdapterV2")[0], block.attn.proj, *mlp_linears(block, i)]
     for linear in linears:
         if type(linear) is not nn.Linear:
             raise AdapterError(

@@ -138,6 +138,20 @@ def require_int(name: str, value: Any, minimum: int) -> None:
         raise AdapterError(f"{name} ({value!r}) must be an integer >= {minimum}")
 
 
+def qkv_linear(block: nn.Module, index: int, method: str) -> tuple[nn.Linear, tuple[int, ...]]:
+    """The fused ``[Q | K | V]`` projection of a layer's attention and its part sizes; an
+    error for mixers without one (MLA's latent projections, Gated DeltaNet)."""
+    linear = getattr(block.attn, "attn", None)
+    sizes = getattr(block.attn, "qkv_sizes", None)
+    if not isinstance(linear, nn.Linear) or sizes is None:
+        raise AdapterError(
+            f"layer {index}'s attention ({type(block.attn).__name__}) has no fused QKV "
+            f"projection for {method} to adapt; adapt its output projection, the MLP or the "
+            "head instead (LoRA targets 'projection', 'mlp', 'head')"
+        )
+    return linear, sizes
+
+
 def mlp_linears(block: nn.Module, index: int) -> list[nn.Linear]:
     """``fc_1`` and ``fc_2`` of a dense MLP (``MLP``, ``GatedMLP``); an error otherwise
     (a MoE keeps its experts as stacked tensors, not linear layers)."""

@@ -42,6 +42,7 @@ from lab.finetune.core import (
     mark_only_adapter_as_trainable,
     merge,
     mlp_linears,
+    qkv_linear,
     register_method,
     require_int,
     unmerge,
@@ -219,11 +220,11 @@ def _target_layers(model: nn.Module, targets: list[str]) -> list[tuple[nn.Linear
     layers = []
     qkv = [name in targets for name in ("query", "key", "value")]
     for i, block in enumerate(blocks_of(model, "LoRA")):
-        attention = block.attn
         if any(qkv):
-            layers.append((attention.attn, {"parts": attention.qkv_sizes, "enabled": qkv}))
+            linear, sizes = qkv_linear(block, i, "LoRA")
+            layers.append((linear, {"parts": sizes, "enabled": qkv}))
         if "projection" in targets:
-            layers.append((attention.proj, {}))
+            layers.append((block.attn.proj, {}))
         if "mlp" in targets:
             layers += [(linear, {}) for linear in mlp_linears(block, i)]
     if "head" in targets:
