@@ -325,3 +325,13 @@ def test_guide_adapter_v2_linear_pattern() -> None:
     torch.testing.assert_close(layer(x), 2.0 * (plain(x) + 0.5))
     with pytest.raises(AdapterError, match="LoRALinear"):
         AdapterV2Linear(in_features, out_features, adapter_rank=8)
+
+
+def test_adapter_attention_resets_the_base_attention_too():
+    config = Config(**{**TINY, "attention_sinks": True})
+    model = apply_adapter(GPT(config), prompt_length=2, start_layer=0)
+    attention = model.transformer.h[0].attn
+    with torch.no_grad():
+        attention.sinks.fill_(3.0)
+    attention.reset_parameters()
+    assert torch.equal(attention.sinks, torch.zeros_like(attention.sinks))
