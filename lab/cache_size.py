@@ -57,3 +57,26 @@ def kv_cache_size(
 
     one, two = total(1), total(2)
     return CacheSize(per_token=two - one, fixed=2 * one - two)
+
+
+def per_token_beside_standard(
+    config: Config, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, int]:
+    """Cache bytes per token (batch 1) of ``config`` beside the same model with standard
+    attention, multi-head (a key and value head per query head) and grouped-query (the
+    config's own groups, or ``n_head // 4``): the memory MLA and DeltaNet save, in
+    three numbers."""
+    n_head = config.n_head
+    groups = config.n_query_groups if config.n_query_groups < n_head else max(n_head // 4, 1)
+    while n_head % groups:
+        groups -= 1
+    standard = dict(attention_class_name="CausalSelfAttention", layer_overrides={})
+    return {
+        "this model": kv_cache_size(config, dtype=dtype).per_token,
+        "MHA": kv_cache_size(
+            config.replace(**standard, n_query_groups=n_head), dtype=dtype
+        ).per_token,
+        f"GQA ({groups} groups)": kv_cache_size(
+            config.replace(**standard, n_query_groups=groups), dtype=dtype
+        ).per_token,
+    }

@@ -30,10 +30,11 @@ from torch._subclasses.fake_tensor import (
 )
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lab import formulas, lora
-from lab.adapter import apply_adapter, mark_only_adapter_as_trainable
-from lab.adapter_v2 import apply_adapter_v2
+from lab import formulas
 from lab.config import Config
+from lab.finetune import lora
+from lab.finetune.adapter import apply_adapter, mark_only_adapter_as_trainable
+from lab.finetune.adapter_v2 import apply_adapter_v2
 from lab.formulas import DTYPES, OPTIMIZERS, FineTuning, choice
 from lab.model import GPT
 

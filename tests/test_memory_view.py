@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lab import plots
+from lab.cache_size import per_token_beside_standard
 from lab.config import Config
 from lab.memory import estimate_memory, measure_memory
 from lab.model import GPT
@@ -175,3 +176,17 @@ def test_memory_breakdown_plot():
     assert far.axes[0].texts[-1].get_text() == "GPU: 81,920 MiB, off the scale"
     with pytest.raises(ValueError, match="bars is empty"):
         plots.memory_breakdown({})
+
+
+def test_the_view_compares_the_kv_cache_per_token_with_mha_and_gqa():
+    mla = small(n_embd=128, n_head=8).replace(
+        attention_class_name="MLA", kv_lora_rank=16, qk_rope_head_dim=8
+    )  # 8 heads of 16: a latent of 16 + 8 beats even 2 key-value groups (2 x 2 x 16)
+    view = MemoryView(config=mla, batch_size=1, seq_len=16, precision="32-true")
+    line = view.table.value.split("<br>")[-1]
+    sizes = per_token_beside_standard(mla, torch.float32)
+    layers = mla.n_layer
+    assert sizes["this model"] == layers * (16 + 8) * 4  # the latent and the rotary key
+    assert sizes["MHA"] == layers * 2 * mla.n_head * mla.head_size * 4
+    assert sizes["this model"] < min(v for k, v in sizes.items() if k.startswith("GQA"))
+    assert line.startswith("KV cache per token: this model ") and "MHA" in line and "GQA" in line

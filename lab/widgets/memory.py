@@ -23,6 +23,7 @@ import ipywidgets as widgets
 import torch
 
 from lab import plots
+from lab.cache_size import per_token_beside_standard
 from lab.config import Config, ConfigError
 from lab.formulas import DTYPES
 from lab.memory import MemoryBreakdown, estimate_memory, format_bytes, measure_memory
@@ -256,7 +257,17 @@ class MemoryView(View):
         )  # fmt: skip
         head = "".join(f"<th>{label}</th>" for label in bars)
         params = f"trainable parameters: {self.estimate.trainable_parameters:,}"
-        self.table.value = f"<table><tr><th></th>{head}</tr>{rows}</table>{params}"
+        self.table.value = (
+            f"<table><tr><th></th>{head}</tr>{rows}</table>{params}<br>{self._cache_line(config)}"
+        )
+
+    def _cache_line(self, config: Config) -> str:
+        """KV cache per token of this model beside MHA and GQA (what MLA saves)."""
+        params, autocast = DTYPES[self.precision.value]
+        sizes = per_token_beside_standard(config, autocast or params)
+        return "KV cache per token: " + ", ".join(
+            f"{label} {format_bytes(size)}" for label, size in sizes.items()
+        )
 
     # --- measuring ----------------------------------------------------------------------------
     def measurable(self) -> Config:
