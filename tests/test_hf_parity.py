@@ -55,6 +55,26 @@ CASES = {
     )),
     "gpt2-tied-conv1d": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                       vocab_size=VOCAB)),
+    # --- 2025: layer patterns read from the config's own fields ---------------------------
+    "qwen3_moe-dense-layer": ("qwen3_moe", dict(
+        LLAMA_LIKE, num_hidden_layers=3, head_dim=8, moe_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+    )),
+    "qwen3_moe-sparse-step": ("qwen3_moe", dict(
+        LLAMA_LIKE, num_hidden_layers=4, head_dim=8, moe_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2,
+    )),
+    "gemma3_text-local-global": ("gemma3_text", dict(
+        LLAMA_LIKE, num_hidden_layers=4, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e5),
+            "sliding_attention": dict(rope_type="default", rope_theta=100.0),
+        },
+    )),
+    "olmo2-post-norm": ("olmo2", dict(LLAMA_LIKE)),
+    "smollm3-nope": ("smollm3", dict(LLAMA_LIKE, num_hidden_layers=4, no_rope_layer_interval=2,
+                                     rope_parameters=dict(rope_type="default", rope_theta=1e4))),
 }  # fmt: skip
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lab.errors import CheckpointError
+
 # Config field -> the config.json keys that hold it (read: the first present; write: all).
 LLAMA_KEYS = {
     "n_embd": ("hidden_size",), "n_layer": ("num_hidden_layers",),
@@ -33,6 +35,10 @@ GEMMA2_KEYS = {
 }  # fmt: skip
 MIXTRAL_KEYS = {
     **LLAMA_KEYS, "n_expert": ("num_local_experts",), "n_expert_per_token": ("num_experts_per_tok",),
+}  # fmt: skip
+QWEN_MOE_KEYS = {
+    **LLAMA_KEYS, "n_expert": ("num_experts", "num_local_experts"), "n_expert_per_token": ("num_experts_per_tok",),
+    "moe_intermediate_size": ("moe_intermediate_size",),
 }  # fmt: skip
 NEOX_KEYS = {
     **{k: v for k, v in LLAMA_KEYS.items() if k not in ("n_query_groups", "head_size")},
@@ -79,6 +85,9 @@ class Layout:
     experts: str = "block_sparse_moe.experts"
     expert_fc_1: tuple[str, ...] = ("w1", "w3")  # gate, up
     expert_fc_2: str = "w2"
+    # The stacked experts as transformers >= 5 holds them in memory, (E, 2I, C) [gate | up]
+    # and (E, C, I); read where a file has them instead of per-expert tensors.
+    fused_experts: tuple[str, str] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
     transposed: bool = False  # GPT-2's Conv1D stores linear weights as (in, out)
 
 
@@ -100,12 +109,14 @@ class Family:
     fields: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     layout: Layout = Layout()
-    rope: str = "full"  # "full" | "partial" (partial_rotary_factor) | "neox" | "none"
+    # "full" | "partial" (partial_rotary_factor) | "neox" | "none" | "layer_types" (full
+    # RoPE with rope_parameters per layer type, Gemma 3: see ``_rope_from_hf``)
+    rope: str = "full"
     # Sliding windows: "" (none), "all" (every layer), "layer_types" (as config.json's
-    # layer_types says, else `sliding_layers`), "qwen" (use_sliding_window, and layers
-    # from max_window_layers on)
+    # layer_types says, else `sliding_layers(config_json, n_layer)`), "qwen"
+    # (use_sliding_window, and layers from max_window_layers on)
     windows: str = ""
-    sliding_layers: Callable[[int], list[bool]] | None = None
+    sliding_layers: Callable[[dict[str, Any], int], list[bool]] | None = None
     biases: bool = False  # bias = attention_bias, which must equal mlp_bias (Llama)
     requires: dict[str, Any] = field(default_factory=dict)
     read: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
@@ -131,6 +142,27 @@ def alternating(n_layer: int) -> list[bool]:
     return [i % 2 == 0 for i in range(n_layer)]
 
 
+def every_nth_global(n_layer: int, n: int) -> list[bool]:
+    """Gemma 3 (``sliding_window_pattern`` = 6): ``n - 1`` local layers, then a global one."""
+    return [(i + 1) % n != 0 for i in range(n_layer)]
+
+
+def set_per_layer(values: dict[str, Any], name: str, per_layer: Sequence[Any]) -> None:
+    """Set field ``name`` to ``per_layer[i]`` on each layer ``i`` of the config ``values``:
+    the most common value (the first layer's on a tie) for the whole model, the others
+    as ``layer_overrides``."""
+    distinct: list[Any] = []
+    for value in per_layer:
+        if value not in distinct:
+            distinct.append(value)
+    common = max(distinct, key=lambda value: sum(v == value for v in per_layer))
+    values[name] = common
+    overrides = values.setdefault("layer_overrides", {})
+    for i, value in enumerate(per_layer):
+        if value != common:
+            overrides.setdefault(i, {})[name] = value
+
+
 def _read_gemma2(config_json: dict[str, Any], values: dict[str, Any]) -> None:
     values["attention_scale"] = config_json.get("query_pre_attn_scalar", 256) ** -0.5
 
@@ -147,12 +179,66 @@ def _write_mixtral(config: Any, config_json: dict[str, Any]) -> None:
     config_json["intermediate_size"] = config.moe_intermediate_size or config.intermediate_size
 
 
+def _layers(config: Any, name: str) -> list[Any]:
+    return [getattr(config.for_layer(i), name) for i in range(config.n_layer)]
+
+
+# Qwen-style MoE routers: softmax, top k, renormalised over the k (norm_topk_prob) or not.
+_QWEN_ROUTERS = {True: "topk_softmax", False: "softmax_topk"}
+
+
+def _read_qwen_moe(config_json: dict[str, Any], values: dict[str, Any]) -> None:
+    """Qwen2/3-MoE: a layer is sparse unless listed in ``mlp_only_layers``, and only every
+    ``decoder_sparse_step``-th layer is; the router renormalises if ``norm_topk_prob``."""
+    values["router"] = _QWEN_ROUTERS[bool(config_json.get("norm_topk_prob", False))]
+    dense = set(config_json.get("mlp_only_layers") or ())
+    step = config_json.get("decoder_sparse_step") or 1
+    sparse = [
+        i not in dense and values["n_expert"] > 0 and (i + 1) % step == 0
+        for i in range(values["n_layer"])
+    ]
+    set_per_layer(values, "mlp_class_name", ["MoE" if s else "GatedMLP" for s in sparse])
+
+
+def _write_qwen_moe(config: Any, config_json: dict[str, Any]) -> None:
+    mlps = _layers(config, "mlp_class_name")
+    config_json["mlp_only_layers"] = [i for i, mlp in enumerate(mlps) if mlp != "MoE"]
+    config_json["decoder_sparse_step"] = 1
+    routers = {r for r, mlp in zip(_layers(config, "router"), mlps, strict=True) if mlp == "MoE"}
+    config_json["norm_topk_prob"] = routers != {"softmax_topk"}  # another one: not read back
+
+
+def _gemma3_sliding(config_json: dict[str, Any], n_layer: int) -> list[bool]:
+    return every_nth_global(n_layer, config_json.get("sliding_window_pattern", 6))
+
+
+def _read_smollm3(config_json: dict[str, Any], values: dict[str, Any]) -> None:
+    """SmolLM3's NoPE layers: ``no_rope_layers[i]`` is 1 where layer i rotates, 0 where it
+    has no positions (by default every ``no_rope_layer_interval``-th layer)."""
+    n_layer, interval = values["n_layer"], config_json.get("no_rope_layer_interval") or 4
+    rope = config_json.get("no_rope_layers") or [(i + 1) % interval != 0 for i in range(n_layer)]
+    if len(rope) != n_layer:
+        raise CheckpointError(
+            f"this smollm3 config.json lists {len(rope)} no_rope_layers for {n_layer} layers; "
+            "give one entry (1 = RoPE, 0 = none) per layer"
+        )
+    set_per_layer(values, "positional", ["rope" if r else "none" for r in rope])
+
+
+def _write_smollm3(config: Any, config_json: dict[str, Any]) -> None:
+    config_json["no_rope_layers"] = [int(p == "rope") for p in _layers(config, "positional")]
+
+
 LLAMA_FIELDS = dict(positional="rope", norm_class_name="RMSNorm", mlp_class_name="GatedMLP")
 LLAMA_DEFAULTS = dict(
     rope_base=10000.0, rotary_percentage=1.0, norm_eps=1e-6, activation="silu", bias=False
 )
 GEMMA_FIELDS = dict(LLAMA_FIELDS, norm_unit_offset=True, scale_embeddings=True)
 GEMMA_DEFAULTS = dict(LLAMA_DEFAULTS, activation="gelu_tanh", tie_embeddings=True)
+GEMMA2_LAYOUT = Layout(
+    norm_2="pre_feedforward_layernorm", post_attention_norm="post_attention_layernorm",
+    post_mlp_norm="post_feedforward_layernorm",
+)  # fmt: skip
 LAYERNORM_FIELDS = dict(norm_class_name="LayerNorm", mlp_class_name="MLP", bias=True)
 
 FAMILIES: dict[str, Family] = {
@@ -177,12 +263,43 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(
         "Gemma2ForCausalLM", GEMMA2_KEYS,
         dict(GEMMA_FIELDS, post_attention_norm=True, post_mlp_norm=True),
-        GEMMA_DEFAULTS,
-        Layout(
-            norm_2="pre_feedforward_layernorm", post_attention_norm="post_attention_layernorm",
-            post_mlp_norm="post_feedforward_layernorm",
+        GEMMA_DEFAULTS, GEMMA2_LAYOUT, windows="layer_types",
+        sliding_layers=lambda config_json, n_layer: alternating(n_layer),
+        read=_read_gemma2, write=_write_gemma2,
+    ),
+    # --- the families of 2025 -----------------------------------------------------------
+    "qwen3_moe": Family(
+        "Qwen3MoeForCausalLM", QWEN_MOE_KEYS,
+        dict(LLAMA_FIELDS, norm_qk=True, bias=False, mlp_class_name="MoE"),
+        dict(LLAMA_DEFAULTS, rope_base=1e6, router="topk_softmax"),
+        Layout(router="mlp.gate", experts="mlp.experts", expert_fc_1=("gate_proj", "up_proj"),
+               expert_fc_2="down_proj"),
+        requires={"attention_bias": False, "use_sliding_window": False},
+        read=_read_qwen_moe, write=_write_qwen_moe,
+    ),
+    "gemma3_text": Family(
+        "Gemma3ForCausalLM", GEMMA2_KEYS,
+        dict(GEMMA_FIELDS, post_attention_norm=True, post_mlp_norm=True, norm_qk=True),
+        dict(GEMMA_DEFAULTS, rope_base=1e6), GEMMA2_LAYOUT, rope="layer_types",
+        windows="layer_types", sliding_layers=_gemma3_sliding,
+        requires={"attention_bias": False, "use_bidirectional_attention": False},
+        read=_read_gemma2, write=_write_gemma2,
+    ),
+    "olmo2": Family(
+        "Olmo2ForCausalLM",
+        fields=dict(
+            LLAMA_FIELDS, pre_norm=False, post_attention_norm=True, post_mlp_norm=True,
+            norm_qk=True, norm_qk_per_head=False, bias=False,
         ),
-        windows="layer_types", sliding_layers=alternating, read=_read_gemma2, write=_write_gemma2,
+        defaults=dict(LLAMA_DEFAULTS, norm_eps=1e-5),
+        layout=Layout(norm_1="", norm_2="", post_attention_norm="post_attention_layernorm",
+                      post_mlp_norm="post_feedforward_layernorm"),
+        requires={"attention_bias": False},
+    ),
+    "smollm3": Family(
+        "SmolLM3ForCausalLM", fields=LLAMA_FIELDS,
+        defaults=dict(LLAMA_DEFAULTS, rope_base=2e6, tie_embeddings=True), biases=True,
+        requires={"use_sliding_window": False}, read=_read_smollm3, write=_write_smollm3,
     ),
     "phi3": Family(
         "Phi3ForCausalLM", fields=LLAMA_FIELDS, defaults=LLAMA_DEFAULTS, rope="partial",

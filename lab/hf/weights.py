@@ -72,7 +72,7 @@ def weights_from_hf(
         tensors = {
             k if k.startswith(layout.lm_head) else layout.base + k: v for k, v in tensors.items()
         }
-    rules = _rules(names, config, layout)
+    rules = _rules(names, config, layout, set(tensors))
     used = {hf for rule in rules for hf in rule.hf}
     missing = sorted(hf for hf in used if hf not in tensors)
     ignored = {f"{layout.lm_head}.weight"} if config.tie_embeddings else set()
@@ -105,8 +105,11 @@ def weights_to_hf(
     return out
 
 
-def _rules(names: list[str], config: Config, layout: Layout) -> list[_Rule]:
-    """One rule for each lab tensor name."""
+def _rules(
+    names: list[str], config: Config, layout: Layout, present: set[str] | None = None
+) -> list[_Rule]:
+    """One rule for each lab tensor name; ``present`` (the names in a checkpoint being
+    read) picks between forms a family's files come in."""
     top = {
         "transformer.wte": layout.base + layout.embed,
         "transformer.wpe": layout.base + layout.wpe,
@@ -125,12 +128,18 @@ def _rules(names: list[str], config: Config, layout: Layout) -> list[_Rule]:
             continue
         i, local = int(match[1]), match[2]
         prefix = f"{layout.base}{layout.layers}.{i}."
-        rules.append(_layer_rule(name, local, kind, prefix, config.for_layer(i), layout))
+        rules.append(_layer_rule(name, local, kind, prefix, config.for_layer(i), layout, present))
     return rules
 
 
 def _layer_rule(
-    name: str, local: str, kind: str, prefix: str, config: Config, layout: Layout
+    name: str,
+    local: str,
+    kind: str,
+    prefix: str,
+    config: Config,
+    layout: Layout,
+    present: set[str] | None,
 ) -> _Rule:
     transpose = layout.transposed and kind == "weight"  # (a 1-D norm weight stays as it is)
     single = {
@@ -151,6 +160,9 @@ def _layer_rule(
         size = config.intermediate_size
         return _Rule(name, hf, (size,) * len(hf) if len(hf) > 1 else None, transpose=transpose)
     if local == "mlp.experts" and kind in ("fc_1", "fc_2"):
+        fused = f"{prefix}{layout.fused_experts[kind == 'fc_2']}"
+        if present is not None and fused in present:  # transformers >= 5's stacked tensors
+            return _Rule(name, (fused,))
         size = config.moe_intermediate_size or config.intermediate_size
         parts = layout.expert_fc_1 if kind == "fc_1" else (layout.expert_fc_2,)
         hf = tuple(
