@@ -65,10 +65,10 @@ def config_from_hf(config_json: dict[str, Any], config_class: type[Config] = Con
     for key, required in family.requires.items():
         value = config_json.get(key, required)
         _unsupported(value != required, model_type, key, value)
-    activation = values["activation"] = HF_ACTIVATIONS.get(values.get("activation", "silu"))
-    _unsupported(
-        activation is None, model_type, "activation", _first(config_json, family.keys["activation"])
-    )
+    hf_activation = _first(config_json, family.keys["activation"])
+    if hf_activation is not None:  # else the family's default (a lab name) stands
+        values["activation"] = HF_ACTIVATIONS.get(hf_activation)
+        _unsupported(values["activation"] is None, model_type, "activation", hf_activation)
     n_layer = values["n_layer"]
     if family.rope == "layer_types":
         by_type = _rope_per_layer_type(config_json, family, model_type, n_layer)

@@ -1,0 +1,88 @@
+"""The families of 2025 decode incrementally: with the KV cache (or a mixer's own state)
+the logits equal those of a full forward pass, and greedy generation is the same with
+and without it. Each tiny model is read from a config.json of its family, so the layer
+pattern under test is the one that family's files describe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lab import GPT
+from lab.generate import generate, supports_kv_cache
+from lab.hf import config_from_hf
+
+VOCAB = 64
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=48, max_position_embeddings=64,
+)  # fmt: skip
+# Windows of 4 tokens against 20-token sequences: the sliding layers really slide.
+FAMILIES_2025 = {
+    "qwen3_moe": dict(
+        TINY, num_hidden_layers=3, head_dim=8, moe_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+    ),
+    "gemma3_text": dict(
+        TINY, num_hidden_layers=4, head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+            "sliding_attention": dict(rope_type="default", rope_theta=1e4),
+        },
+    ),
+    "olmo2": dict(TINY, num_hidden_layers=2),
+    "smollm3": dict(TINY, num_hidden_layers=4, no_rope_layer_interval=2),
+}  # fmt: skip
+
+
+def tiny_model(model_type: str) -> GPT:
+    """A random model of the family, norm weights and biases away from their init so
+    that every tensor matters, and logits spread wide so greedy choices are not ties."""
+    config = config_from_hf({"model_type": model_type, **FAMILIES_2025[model_type]})
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.ndim == 1 and tensor.is_floating_point():
+                tensor.normal_(0.0 if name.endswith(("bias", "sinks")) else 1.0, 0.2)
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES_2025))
+def model(request) -> GPT:
+    return tiny_model(request.param)
+
+
+@torch.no_grad()
+def test_cache_equals_full_forward(model):
+    assert supports_kv_cache(model)
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    expected = model(idx)
+    model.set_kv_cache(batch_size=2, max_seq_length=24)
+    try:
+        steps = [model(idx[:, :7], input_pos=torch.arange(7))]  # a prefill, then one at a time
+        steps += [model(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(7, 20)]
+    finally:
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_with_and_without_cache(model):
+    prompt = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(2))
+    cached = generate(model, prompt, 12, temperature=0, kv_cache=True)
+    recomputed = generate(model, prompt, 12, temperature=0, kv_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_layer_patterns_come_from_the_config_json():
+    """What the cache tests rely on: the tiny models have both kinds of layer."""
+    gemma = tiny_model("gemma3_text").config
+    windows = [gemma.for_layer(i).sliding_window_size for i in range(4)]
+    assert windows == [4, 4, None, 4]
+    assert [gemma.for_layer(i).rope_base for i in range(4)] == [1e4, 1e4, 1e6, 1e4]
+    smol = tiny_model("smollm3").config
+    assert [smol.for_layer(i).positional for i in range(4)] == ["rope", "none", "rope", "none"]
+    qwen = tiny_model("qwen3_moe").config
+    assert [qwen.for_layer(i).mlp_class_name for i in range(3)] == ["MoE", "GatedMLP", "MoE"]
