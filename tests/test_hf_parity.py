@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import lab
 from lab import GPT, Config
@@ -254,3 +255,76 @@ def test_family_knowledge_lives_in_the_family_table():
         if re.search(r"model_type\s*[!=]=", path.read_text()) and path.name != "families.py"
     ]
     assert offenders == []
+
+
+def reference_logits(model_type: str, kwargs: dict, directory: Path) -> tuple[torch.Tensor, ...]:
+    """Save a tiny random model of the family; return an input and its logits."""
+    reference = hf_model(model_type, kwargs)
+    reference.save_pretrained(directory)
+    idx = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return idx, reference(idx).logits
+
+
+def edit_config_json(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if v is not None})
+    )
+
+
+def test_gemma3_hub_config_form_loads(tmp_path):
+    """The config.json of Gemma 3 on the hub predates layer_types and per-type
+    rope_parameters: sliding_window_pattern, rope_local_base_freq and a rope_scaling that
+    applies to the global layers only."""
+    kwargs = dict(
+        LLAMA_LIKE, num_hidden_layers=4, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e5),
+            "sliding_attention": dict(rope_type="default", rope_theta=100.0),
+        },
+    )  # fmt: skip
+    idx, expected = reference_logits("gemma3_text", kwargs, tmp_path)
+    edit_config_json(
+        tmp_path, layer_types=None, rope_parameters=None, sliding_window_pattern=3,
+        rope_theta=1e5, rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=4.0),
+    )  # fmt: skip
+    model = GPT.from_pretrained(tmp_path).eval()
+    assert [model.config.for_layer(i).rope_base for i in range(4)] == [100.0, 100.0, 1e5, 100.0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, atol=1e-4, rtol=0)
+
+
+def test_stacked_expert_tensors_load(tmp_path):
+    """A file of transformers >= 5's in-memory tensors (experts stacked as gate_up_proj and
+    down_proj) loads like the hub's per-expert one."""
+    kwargs = CASES["qwen3_moe-dense-layer"][1]
+    reference = hf_model("qwen3_moe", kwargs)
+    reference.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, tmp_path / "model.safetensors")
+    idx = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(3))
+    model = GPT.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "model_type, changes, key",
+    [
+        ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+        ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4), "use_sliding_window"),
+        ("smollm3", dict(use_sliding_window=True, sliding_window=4), "use_sliding_window"),
+        ("olmo2", dict(attention_bias=True), "attention_bias"),
+        ("smollm3", dict(no_rope_layers=[1, 0, 1]), "no_rope_layers"),
+    ],
+)
+def test_2025_features_lab_lacks_are_refused(tmp_path, model_type, changes, key):
+    kwargs = {"qwen3_moe": CASES["qwen3_moe-dense-layer"][1]}.get(model_type, LLAMA_LIKE)
+    hf_model(model_type, kwargs).save_pretrained(tmp_path)
+    edit_config_json(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=key):
+        GPT.from_pretrained(tmp_path)

@@ -201,6 +201,7 @@ def _read_qwen_moe(config_json: dict[str, Any], values: dict[str, Any]) -> None:
 
 
 def _write_qwen_moe(config: Any, config_json: dict[str, Any]) -> None:
+    config_json["moe_intermediate_size"] = config.moe_intermediate_size or config.intermediate_size
     mlps = _layers(config, "mlp_class_name")
     config_json["mlp_only_layers"] = [i for i, mlp in enumerate(mlps) if mlp != "MoE"]
     config_json["decoder_sparse_step"] = 1
