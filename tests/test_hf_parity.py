@@ -37,6 +37,10 @@ CASES = {
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                           high_freq_factor=4.0, original_max_position_embeddings=32),
     )),
+    "llama-yarn-untruncated": ("llama", dict(  # GPT-OSS's YaRN: the ramp's ends not rounded
+        LLAMA_LIKE, rope_parameters=dict(rope_type="yarn", factor=8.0, rope_theta=1e4, truncate=False,
+                                         original_max_position_embeddings=16),
+    )),
     "mistral-sliding-window": ("mistral", dict(LLAMA_LIKE, sliding_window=4)),
     "mixtral": ("mixtral", dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=None)),

@@ -190,11 +190,13 @@ def _rope_from_hf(hf: dict[str, Any], family: Family, model_type: str) -> dict[s
                 "high_freq_factor": float(params["high_freq_factor"]),
                 "original_max_seq_len": int(original),
             }  # fmt: skip
-        elif kind == "yarn" and not params.get("mscale") and params.get("truncate", True):
+        elif kind == "yarn":
             out["rope_scaling"] = {
                 "type": "yarn", "factor": float(params["factor"]), "original_max_seq_len": int(original),
                 "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
                 "attention_factor": params.get("attention_factor"),
+                # GPT-OSS keeps the ramp's fractional ends; DeepSeek-V3 sets mscale(_all_dim)
+                **{k: params[k] for k in _YARN_OPTIONS if params.get(k) not in (None, True)},
             }  # fmt: skip
         else:
             _unsupported(True, model_type, "rope type", kind)
@@ -232,6 +234,7 @@ def _rope_to_hf(config: Config, family: Family) -> dict[str, Any]:
         hf_scaling.update(
             original_max_position_embeddings=original, attention_factor=scaling.get("attention_factor"),
             beta_fast=float(scaling.get("beta_fast", 32)), beta_slow=float(scaling.get("beta_slow", 1)),
+            **{k: scaling[k] for k in _YARN_OPTIONS if scaling.get(k) not in (None, True)},
         )  # fmt: skip
     elif kind != "linear":
         raise CheckpointError(f"rope_scaling type {kind!r} has no Hugging Face equivalent")
@@ -299,6 +302,9 @@ def _windows_from_hf(hf: dict[str, Any], family: Family, n_layer: int) -> list[i
     return [int(window) if s else None for s in sliding]
 
 
+# YaRN's optional keys, the same in lab's rope_scaling and Hugging Face's (truncate=True,
+# the default, is left out).
+_YARN_OPTIONS = ("truncate", "mscale", "mscale_all_dim")
 # Fields a config.json must state (every other one has a default).
 _REQUIRED = ("n_layer", "n_embd", "n_head")
 # Fields that do not change what a model computes from its weights.
