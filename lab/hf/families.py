@@ -86,8 +86,14 @@ class Layout:
     expert_fc_1: tuple[str, ...] = ("w1", "w3")  # gate, up
     expert_fc_2: str = "w2"
     # The stacked experts as transformers >= 5 holds them in memory, (E, 2I, C) [gate | up]
-    # and (E, C, I); read where a file has them instead of per-expert tensors.
+    # and (E, C, I); read where a file has them instead of per-expert tensors. GPT-OSS's
+    # files hold only these, as (E, C, 2I) with gate and up interleaved, and (E, I, C).
     fused_experts: tuple[str, str] = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    experts_interleaved: bool = False
+    expert_bias: str = "mlp.gate.e_score_correction_bias"  # DeepSeek-V3's selection bias
+    shared_experts: str = "mlp.shared_experts"  # named like the dense MLP's fc_1 and fc_2
+    shared_gate: str = "mlp.shared_expert_gate"
+    sinks: str = "self_attn.sinks"  # GPT-OSS
     transposed: bool = False  # GPT-2's Conv1D stores linear weights as (in, out)
 
 

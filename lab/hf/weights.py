@@ -26,10 +26,12 @@ _HF_BUFFERS = re.compile(
 
 @dataclass(frozen=True)
 class _Rule:
-    """One lab tensor made of ``hf`` tensors: transposed (Conv1D), concatenated along
-    dim 0 (split back by ``sizes``), for GPT-NeoX regrouped from per-head
-    ``(n_head, q|k|v, head_size)`` rows to lab's ``[Q | K | V]``, and for experts
-    stacked: ``experts`` consecutive groups of parts, one (concatenated) per expert."""
+    """One lab tensor made of ``hf`` tensors: transposed (Conv1D; GPT-OSS's stacked
+    experts), concatenated along dim 0 (split back by ``sizes``), for GPT-NeoX regrouped
+    from per-head ``(n_head, q|k|v, head_size)`` rows to lab's ``[Q | K | V]``, for
+    experts stacked: ``experts`` consecutive groups of parts, one (concatenated) per
+    expert, and for GPT-OSS's experts de-interleaved: rows ``g0 u0 g1 u1 ...`` along
+    dim 1 to lab's ``[gate | up]``."""
 
     lab: str
     hf: tuple[str, ...]
@@ -37,9 +39,10 @@ class _Rule:
     per_head: tuple[int, int] | None = None  # (n_head, head_size)
     transpose: bool = False
     experts: int = 0
+    interleaved: bool = False
 
     def to_lab(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        parts = [p.t() if self.transpose else p for p in parts]
+        parts = [p.transpose(-2, -1) if self.transpose else p for p in parts]
         if self.experts:
             group = len(parts) // self.experts
             x = torch.stack(
@@ -50,15 +53,19 @@ class _Rule:
         if self.per_head:
             n_head, head_size = self.per_head
             x = x.reshape(n_head, 3, head_size, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+        if self.interleaved:
+            x = torch.cat((x[:, 0::2], x[:, 1::2]), dim=1)
         return x.contiguous()
 
     def to_hf(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.interleaved:
+            x = torch.stack(x.chunk(2, dim=1), dim=2).flatten(1, 2)
         if self.per_head:
             n_head, head_size = self.per_head
             x = x.reshape(3, n_head, head_size, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
         rows = list(x.unbind(0)) if self.experts else [x]
         parts = [p for row in rows for p in (row.split(self.sizes) if self.sizes else [row])]
-        return [(p.t() if self.transpose else p).contiguous() for p in parts]
+        return [(p.transpose(-2, -1) if self.transpose else p).contiguous() for p in parts]
 
 
 def weights_from_hf(
@@ -147,9 +154,14 @@ def _layer_rule(
         "post_attention_norm": layout.post_attention_norm, "post_mlp_norm": layout.post_mlp_norm,
         "attn.proj": layout.proj, "attn.norm_q": layout.norm_q, "attn.norm_k": layout.norm_k,
         "mlp.fc_2": layout.fc_2, "mlp.router": layout.router,
+        "mlp.shared_experts.fc_2": f"{layout.shared_experts}.{layout.fc_2.rpartition('.')[2]}",
+        "mlp.shared_gate": layout.shared_gate,
     }  # fmt: skip
+    whole = {"attn.sinks": layout.sinks, "mlp.expert_bias": layout.expert_bias}
     if single.get(local):
         return _Rule(name, (f"{prefix}{single[local]}.{kind}",), transpose=transpose)
+    if whole.get(f"{local}.{kind}"):
+        return _Rule(name, (f"{prefix}{whole[f'{local}.{kind}']}",))
     if local == "attn.attn":
         q, kv = config.n_head * config.head_size, config.n_query_groups * config.head_size
         per_head = (config.n_head, config.head_size) if layout.qkv_per_head else None
@@ -159,17 +171,35 @@ def _layer_rule(
         hf = tuple(f"{prefix}{part}.{kind}" for part in layout.fc_1)
         size = config.intermediate_size
         return _Rule(name, hf, (size,) * len(hf) if len(hf) > 1 else None, transpose=transpose)
-    if local == "mlp.experts" and kind in ("fc_1", "fc_2"):
-        fused = f"{prefix}{layout.fused_experts[kind == 'fc_2']}"
-        if present is not None and fused in present:  # transformers >= 5's stacked tensors
-            return _Rule(name, (fused,))
-        size = config.moe_intermediate_size or config.intermediate_size
-        parts = layout.expert_fc_1 if kind == "fc_1" else (layout.expert_fc_2,)
-        hf = tuple(
-            f"{prefix}{layout.experts}.{e}.{part}.weight"
-            for e in range(config.n_expert)
-            for part in parts
-        )
-        sizes = (size,) * len(parts) if len(parts) > 1 else None
-        return _Rule(name, hf, sizes, experts=config.n_expert)
+    if local == "mlp.shared_experts.fc_1":
+        size = config.n_shared_expert * (config.moe_intermediate_size or config.intermediate_size)
+        parts = (part.rpartition(".")[2] for part in layout.fc_1)
+        hf = tuple(f"{prefix}{layout.shared_experts}.{part}.{kind}" for part in parts)
+        return _Rule(name, hf, (size,) * len(hf))
+    if local == "mlp.experts":
+        return _expert_rule(name, kind, prefix, config, layout, present)
     raise CheckpointError(f"lab tensor {name} has no Hugging Face counterpart in this family")
+
+
+def _expert_rule(
+    name: str, kind: str, prefix: str, config: Config, layout: Layout, present: set[str] | None
+) -> _Rule:
+    """The stacked experts: per-expert tensors (hub files of Mixtral, Qwen-MoE, DeepSeek),
+    or stacked ones (transformers >= 5 in memory; GPT-OSS's files, interleaved)."""
+    down = kind.startswith("fc_2")
+    fused = f"{prefix}{layout.fused_experts[down]}" + ("_bias" if kind.endswith("bias") else "")
+    if layout.experts_interleaved:  # GPT-OSS: (E, C, 2I) and (E, I, C), biases (E, 2I), (E, C)
+        return _Rule(name, (fused,), transpose=kind in ("fc_1", "fc_2"), interleaved=not down)
+    if kind.endswith("bias"):
+        raise CheckpointError(f"lab tensor {name} has no Hugging Face counterpart in this family")
+    if present is not None and fused in present:  # transformers >= 5's stacked tensors
+        return _Rule(name, (fused,))
+    size = config.moe_intermediate_size or config.intermediate_size
+    parts = layout.expert_fc_1 if kind == "fc_1" else (layout.expert_fc_2,)
+    hf = tuple(
+        f"{prefix}{layout.experts}.{e}.{part}.weight"
+        for e in range(config.n_expert)
+        for part in parts
+    )
+    sizes = (size,) * len(parts) if len(parts) > 1 else None
+    return _Rule(name, hf, sizes, experts=config.n_expert)
