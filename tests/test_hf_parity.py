@@ -213,6 +213,7 @@ def write_hf_config(tmp_path, **changes) -> None:
         (dict(num_attention_heads=0), r"config\.json does not describe a valid config"),
         (dict(attention_bias=True, mlp_bias=False), "attention_bias != mlp_bias"),
         (dict(model_type="bert"), r"model_type 'bert' is not supported"),
+        (dict(quantization_config=dict(quant_method="mxfp4")), "quantized.*'mxfp4'"),
     ],
 )
 def test_bad_hf_config_json_is_a_checkpoint_error(tmp_path, changes, match):

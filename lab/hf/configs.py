@@ -62,6 +62,12 @@ def config_from_hf(config_json: dict[str, Any], config_class: type[Config] = Con
             raise CheckpointError(
                 f"this {model_type} config.json has no {' or '.join(keys)}; restore the file"
             )
+    if config_json.get("quantization_config"):  # GPT-OSS's MXFP4, DeepSeek-V3's FP8 files
+        raise CheckpointError(
+            f"this {model_type} checkpoint is quantized (quantization_config="
+            f"{config_json['quantization_config'].get('quant_method', '?')!r}); lab loads "
+            "unquantized weights: dequantize it first (e.g. a bf16 copy of the checkpoint)"
+        )
     for key, required in family.requires.items():
         value = config_json.get(key, required)
         _unsupported(value != required, model_type, key, value)
