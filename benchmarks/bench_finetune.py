@@ -34,11 +34,11 @@ from torch import nn
 
 from benchmarks.common import litgpt_state, race, speedup
 from lab import GPT, Config
-from lab.adapter import apply_adapter, mark_only_adapter_as_trainable
-from lab.adapter_v2 import apply_adapter_v2
-from lab.lora import apply_lora, mark_only_lora_as_trainable
+from lab.finetune.adapter import apply_adapter, mark_only_adapter_as_trainable
+from lab.finetune.adapter_v2 import apply_adapter_v2
+from lab.finetune.lora import apply_lora, mark_only_lora_as_trainable
 
-LORA = dict(r=8, alpha=16)
+LORA = dict(r=8, lora_alpha=16)
 ADAPTER = dict(prompt_length=10, start_layer=1)
 
 
@@ -63,7 +63,7 @@ def lit_variant(lit_base: LitGPT, lit_config: dict, method: str) -> nn.Module:
         return model
     if method == "lora":
         config = litgpt.lora.Config(
-            **lit_config, lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_query=True,
+            **lit_config, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_query=True,
             lora_value=True,
         )  # fmt: skip
         model, mark = litgpt.lora.GPT(config), litgpt.lora.mark_only_lora_as_trainable

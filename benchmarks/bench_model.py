@@ -27,7 +27,7 @@ from litgpt.model import GPT as LitGPT
 
 from benchmarks.common import litgpt_state, race, speedup
 from lab import GPT, Config
-from lab.profile import flops_per_token, measure_cpu_peak_flops
+from lab.flops import flops_per_token, measure_cpu_peak_flops
 
 SHARED = dict(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096)
 ARCHITECTURES = {

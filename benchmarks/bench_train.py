@@ -10,7 +10,7 @@ callbacks, the schedule, optimizer setup per call). Each round times a whole cal
 ``steps`` steps of each, interleaved round by round (alternating who goes first) in one
 process so that a neighbour's load slows both alike. Prints tokens/s of each, the median
 overhead of fit (time_fit / time_bare - 1) with its range over rounds, and model FLOP
-utilisation (``lab.profile.flops_per_token(..., training=True)``) against this machine's
+utilisation (``lab.flops.flops_per_token(..., training=True)``) against this machine's
 measured fp32 matmul peak. Target: overhead under 5%.
 
 Because whole-run ratios swing by +-10% on a shared machine, it also measures fit's own
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import race
 from lab import GPT, Config
-from lab.profile import flops_per_token, measure_cpu_peak_flops, mfu
+from lab.flops import flops_per_token, measure_cpu_peak_flops, mfu
 from lab.train import fit, learning_rate, optimizer_groups
 
 # The lab halves of benchmarks/bench_model.py's configs: 4 layers, n_embd 256, vocab 4096.

@@ -1,6 +1,9 @@
 """lab: design, train and look inside GPT-style transformers, in a notebook."""
 
 from lab import (
+    configs,  # noqa: F401  (fills the catalogue of named architectures)
+    deltanet,  # noqa: F401  (registers attention_class_name="GatedDeltaNet")
+    mla,  # noqa: F401  (registers attention_class_name="MLA")
     moe,  # noqa: F401  (registers mlp_class_name="MoE")
     positional,  # noqa: F401  (registers the positional schemes)
 )

@@ -29,7 +29,6 @@ Add your own with ``register_config`` (the guide's "Step 4")::
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +40,9 @@ from lab.hf.families import (
     set_per_layer,
     sliding_window_fields,
 )
+from lab.registry import known_config, named_configs
 
 # Keys of an entry that describe the model but are not Config fields.
-METADATA_KEYS = ("hf_config", "published_params")
 
 
 def _family(org: str, base: dict[str, Any]) -> Callable[..., dict[str, Any]]:
@@ -377,27 +376,14 @@ _entries: list[dict[str, Any]] = [
     ),
 ]  # fmt: skip
 
-configs: dict[str, dict[str, Any]] = {entry["name"]: entry for entry in _entries}
+configs = named_configs  # the registry's catalogue, filled here
+configs.update({entry["name"]: entry for entry in _entries})
 
 
 # --- lookup and registration ---------------------------------------------------------------
-def named_config(name: str) -> dict[str, Any]:
-    """The ``Config`` field values of the architecture ``name`` (a fresh copy, metadata
-    such as ``hf_config`` removed).  Unknown names raise ``ConfigError`` with the
-    closest known names."""
-    if name not in configs:
-        raise ConfigError(_unknown_name_message(name), field="name")
-    entry = copy.deepcopy(configs[name])
-    for key in METADATA_KEYS:
-        entry.pop(key, None)
-    return entry
-
-
 def hf_config_of(name: str) -> dict[str, str] | None:
     """``dict(org=..., name=...)``: the Hugging Face repository of ``name``, if known."""
-    if name not in configs:
-        raise ConfigError(_unknown_name_message(name), field="name")
-    hf = configs[name].get("hf_config")
+    hf = known_config(name).get("hf_config")
     return dict(hf) if hf else None
 
 
@@ -419,17 +405,3 @@ def register_config(values: dict[str, Any] | None = None, **fields: Any) -> dict
         )
     configs[name] = entry
     return entry
-
-
-def _unknown_name_message(name: str) -> str:
-    by_lower = {known.lower(): known for known in configs}
-    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=5, cutoff=0.5)
-    message = f"unknown model name {name!r}"
-    if close:
-        message += f"; did you mean {', '.join(repr(by_lower[c]) for c in close)}?"
-    else:
-        message += "."
-    return (
-        f"{message} Config.available() lists all {len(configs)} names; "
-        f"register_config(name={name!r}, ...) adds one"
-    )

@@ -122,9 +122,7 @@ def supports_kv_cache(model: nn.Module) -> bool:
     if not isinstance(model, GPT) or type(model).forward is not GPT.forward:
         return False
     return all(
-        _runs_stock(block, Block)
-        and isinstance(block.attn, CausalSelfAttention)
-        and _runs_stock(block.attn, CausalSelfAttention)
+        _runs_stock(block, Block) and _runs_stock(block.attn, CausalSelfAttention)
         for block in model.transformer.h
     )
 
@@ -360,13 +358,24 @@ def release_static_caches(model: nn.Module) -> None:
 
 
 def _check_compilable(model: nn.Module, use_cache: bool) -> None:
-    """compile=True needs the KV cache (fixed shapes), no sliding window (the static
+    """compile=True needs the KV cache (fixed shapes), the stock attention (other
+    mixers, MLA and Gated DeltaNet, decode eagerly), no sliding window (the static
     cache's mask states causality only) and no MoE layers (their dispatch depends on
     the routing, so a compiled step would recompile for every new expert load)."""
     if not use_cache or not isinstance(model, GPT):
         raise ValueError(
             f"compile=True needs a lab GPT with a KV cache; {type(model).__name__} recomputes "
             "the whole sequence each step (see lab.generate.supports_kv_cache): use compile=False"
+        )
+    mixers = [
+        f"{i} ({type(block.attn).__name__})"
+        for i, block in enumerate(model.transformer.h)
+        if type(block.attn).forward is not CausalSelfAttention.forward
+    ]
+    if mixers:
+        raise ValueError(
+            f"compile=True supports lab's CausalSelfAttention only, not layers "
+            f"{', '.join(mixers)}; use compile=False"
         )
     windowed = [i for i, block in enumerate(model.transformer.h) if block.attn.sliding_window_size]
     if windowed:

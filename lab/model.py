@@ -44,8 +44,8 @@ registry.activation.register("relu2", ReLUSquared)
 
 @registry.norm.register("RMSNorm")
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` (Zhang and Sennrich, 2019), computed in fp32.
-    ``unit_offset`` scales by ``1 + weight`` instead (Gemma stores weights that way)."""
+    """``x / rms(x) * weight`` (Zhang and Sennrich, 2019), computed in fp32 (fp64 stays
+    fp64). ``unit_offset`` scales by ``1 + weight`` instead (Gemma stores weights that way)."""
 
     def __init__(self, size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
         super().__init__()
@@ -54,8 +54,9 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() + 1 if self.unit_offset else self.weight.float()
-        return F.rms_norm(x.float(), weight.shape, weight, self.eps).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight.to(dtype) + 1 if self.unit_offset else self.weight.to(dtype)
+        return F.rms_norm(x.to(dtype), weight.shape, weight, self.eps).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.weight, 0.0 if self.unit_offset else 1.0)
@@ -131,11 +132,16 @@ class KVCache(nn.Module):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         static: bool = False,
+        value_size: int | None = None,
     ) -> None:
+        """``value_size``: the values' head size, if not ``head_size``."""
         super().__init__()
         shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        v_shape = (*shape[:3], value_size or head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer(
+            "v", torch.zeros(v_shape, device=device, dtype=dtype), persistent=False
+        )
         self.static = static
 
     def forward(
@@ -172,7 +178,10 @@ class CausalSelfAttention(nn.Module):
         keys       k0  |   k1  |   k2  |   k3       ng = 4: two queries per key
 
     One fused projection ``attn`` computes ``[Q | K | V]``; ``forward`` reads as the
-    steps a subclass may override one at a time.
+    steps a subclass may override one at a time. Two options act around the softmax:
+    ``attention_sinks`` (GPT-OSS) adds a learned logit per head to its denominator, so
+    a head may attend to "nothing"; ``attention_gate`` (Qwen3-Next) multiplies the
+    output by ``sigmoid(gate(x))``, per value or per head.
     """
 
     def __init__(self, config: Config, block_idx: int = 0) -> None:
@@ -181,13 +190,28 @@ class CausalSelfAttention(nn.Module):
         self.config, self.block_idx = config, block_idx
         self.n_embd, self.n_head = config.n_embd, config.n_head
         self.n_query_groups, self.head_size = config.n_query_groups, config.head_size
+        self.build_projections(config)
+        positional = config.positional_class
+        self.positional = positional(config) if positional.level == "attention" else None
+        self.scale = config.attention_scale or 1.0 / math.sqrt(config.head_size)
+        self.softcap = config.attention_logit_softcapping
+        self.sliding_window_size = config.sliding_window_size
+        self.sinks = nn.Parameter(torch.zeros(config.n_head)) if config.attention_sinks else None
+        self.gate = None
+        if config.attention_gate is not None:  # one gate per output value, or per head
+            width = self.proj.in_features if config.attention_gate == "elementwise" else self.n_head
+            self.gate = nn.Linear(config.n_embd, width, bias=self.attn_bias)
+        self.kv_cache: KVCache | None = None
+
+    def build_projections(self, config: Config) -> None:
+        """The learned maps around the attention: ``attn`` (Q|K|V), the output ``proj``
+        and the QK norms. A variant with other projections (``lab.mla``) replaces this."""
         self.qkv_sizes = (
             config.n_head * config.head_size,
             config.n_query_groups * config.head_size,
             config.n_query_groups * config.head_size,
         )
-        attn_bias = config.bias if config.attn_bias is None else config.attn_bias
-        self.attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=attn_bias)
+        self.attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=self.attn_bias)
         self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         if config.norm_qk:  # per head (Qwen3, Gemma 3), or over all heads at once (OLMo 2)
             q_size, k_size = (
@@ -198,12 +222,16 @@ class CausalSelfAttention(nn.Module):
             offset = config.norm_unit_offset
             self.norm_q = RMSNorm(q_size, eps=config.norm_eps, unit_offset=offset)
             self.norm_k = RMSNorm(k_size, eps=config.norm_eps, unit_offset=offset)
-        positional = config.positional_class
-        self.positional = positional(config) if positional.level == "attention" else None
-        self.scale = config.attention_scale or 1.0 / math.sqrt(config.head_size)
-        self.softcap = config.attention_logit_softcapping
-        self.sliding_window_size = config.sliding_window_size
-        self.kv_cache: KVCache | None = None
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether the input projections have biases (``attn_bias``, else ``bias``)."""
+        return self.config.bias if self.config.attn_bias is None else self.config.attn_bias
+
+    def reset_parameters(self) -> None:
+        """Sinks start at zero (the linear layers are reset by ``GPT._init_weights``)."""
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
 
     # Set by ``lab.probe`` to see (and maybe replace) the scores and the pattern:
     # ``hook("scores" | "pattern", tensor) -> tensor``. None keeps the fused kernel.
@@ -221,7 +249,7 @@ class CausalSelfAttention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache(input_pos, k, v)
         y = self.scaled_dot_product_attention(q, k, v, mask=mask)  # (B, T, nh, hs)
-        return self.proj(y.reshape(B, T, -1))
+        return self.proj(self.gated(x, y).reshape(B, T, -1))
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project and split: q (B, T, nh, hs), k and v (B, T, ng, hs)."""
@@ -243,6 +271,13 @@ class CausalSelfAttention(nn.Module):
         """Apply an attention-level positional scheme (RoPE rotates q and k)."""
         return (q, k) if self.positional is None else self.positional(q, k, input_pos)
 
+    def gated(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The attention output y (B, T, nh, hv) times ``sigmoid(gate(x))`` of the layer's
+        input x (Qiu et al., 2025, as in Qwen3-Next); y itself without a gate."""
+        if self.gate is None:
+            return y
+        return y * torch.sigmoid(self.gate(x)).view(*y.shape[:3], -1)
+
     def scaled_dot_product_attention(
         self,
         q: torch.Tensor,
@@ -262,13 +297,35 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
         bias = self.attention_bias(T, S, q.device, q.dtype, mask)
         if self.softcap is None and self.attention_hook is None:
+            if self.sinks is not None:
+                q, k, v, bias = self.add_sink_key(q, k, v, bias)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, is_causal=bias is None and T > 1,
-                scale=self.scale, enable_gqa=self.n_query_groups != self.n_head,
+                scale=self.scale, enable_gqa=k.size(1) != q.size(1),
             )  # fmt: skip
         else:
             y = self.attention_weights(q, k, bias) @ _expand(v, self.n_head)
         return y.transpose(1, 2)
+
+    def add_sink_key(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """The sinks as one more key, seen by every query, whose value is zero: then the
+        fused kernel adds ``exp(sink)`` to each softmax denominator. Its score must be
+        the head's sink logit whatever the query, so queries and keys get one more
+        dimension: ``sink / scale`` in every query of the head, 1 in the sink key, 0 in
+        the others. q (B, nh, T, hs), k and v (B, ng, S, hs) -> S + 1 keys, sink first."""
+        B, nh, T, _ = q.shape
+        extra = (self.sinks / self.scale).to(q.dtype).view(1, nh, 1, 1).expand(B, nh, T, 1)
+        q = torch.cat((q, extra), dim=-1)
+        k = F.pad(k, (0, 1, 1, 0))  # (B, ng, 1 + S, hs + 1), zeros around
+        k[:, :, 0, -1] = 1.0
+        v = F.pad(v, (0, 0, 1, 0))
+        if bias is None and T > 1:
+            bias = causal_mask(T, k.size(2) - 1, q.device)
+        if bias is not None:
+            bias = F.pad(bias, (1, 0), value=True if bias.dtype == torch.bool else 0.0)
+        return q, k, v, bias
 
     def attention_weights(
         self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None
@@ -286,7 +343,13 @@ class CausalSelfAttention(nn.Module):
             scores = scores + bias
         if hook is not None:
             scores = hook("scores", scores)
-        pattern = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        dtype = torch.promote_types(scores.dtype, torch.float32)  # fp32, or fp64
+        if self.sinks is None:
+            pattern = scores.softmax(dim=-1, dtype=dtype)
+        else:  # the sink is one more logit per head in the denominator, attending to nothing
+            sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+            pattern = torch.cat((scores, sink), dim=-1).softmax(dim=-1, dtype=dtype)[..., :-1]
+        pattern = pattern.to(q.dtype)
         return pattern if hook is None else hook("pattern", pattern)
 
     def attention_bias(
@@ -325,7 +388,7 @@ class CausalSelfAttention(nn.Module):
             batch_size, max_seq_length, self.n_query_groups, self.head_size, device, dtype, static
         )
         if hasattr(self.positional, "reserve"):  # RoPE's table: no growing mid-decode
-            self.positional.reserve(max_seq_length, device or self.attn.weight.device)
+            self.positional.reserve(max_seq_length, device or self.proj.weight.device)
 
 
 def causal_mask(T: int, S: int, device: torch.device, window: int | None = None) -> torch.Tensor:

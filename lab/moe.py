@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab import registry
-from lab.config import Config, ConfigError
+from lab.config import Config
 from lab.model import GatedMLP
 
 
@@ -276,13 +276,7 @@ class MoE(nn.Module):
 
     def __init__(self, config: Config, block_idx: int = 0) -> None:
         super().__init__()
-        config = config.for_layer(block_idx)
-        if config.bias:
-            raise ConfigError(
-                "MoE experts and router have no biases, but bias=True; set bias=False "
-                "(attn_bias=True still gives the QKV projection biases)",
-                field="bias",
-            )
+        config = config.for_layer(block_idx)  # Config has checked it (bias=False, k <= E)
         self.config, self.block_idx = config, block_idx
         self.n_expert, self.k = config.n_expert, config.n_expert_per_token
         self.router_type = config.router

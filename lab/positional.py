@@ -108,11 +108,13 @@ class RotaryPositions(nn.Module):
 
     level = "attention"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, n_elem: int | None = None) -> None:
+        """``n_elem``: rotate this many dimensions instead of ``config.rope_n_elem``
+        (MLA rotates its decoupled RoPE part)."""
         super().__init__()
-        self.n_elem = config.rope_n_elem
+        self.n_elem = n_elem or config.rope_n_elem
         inv_freq, self.attention_factor = rope_frequencies(
-            config.rope_n_elem, config.rope_base, config.rope_scaling
+            self.n_elem, config.rope_base, config.rope_scaling
         )
         self.inv_freq = Fp32Constant(inv_freq)
         self._cos_sin_table: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lab.blocks import blocks_of
 from lab.model import CausalSelfAttention
 
 Filter = str | Callable[[str], bool]
@@ -66,17 +67,6 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    """``model.transformer.h``: the blocks a probe names ``blocks.{i}``."""
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(
-            f"lab.probe needs model.transformer.h (a ModuleList of blocks) as in lab.GPT; "
-            f"{type(model).__name__} has none"
-        )
-    return blocks
-
-
 # Activations read with ordinary module hooks: name -> (module path inside the block,
 # "input" for its first argument or "output" for its return value).
 MODULE_HOOKS = {
@@ -91,7 +81,7 @@ MODULE_HOOKS = {
 def hook_points(model: nn.Module) -> list[str]:
     """Every name a probe can record on ``model``, by layer."""
     names = []
-    for i, block in enumerate(blocks_of(model)):
+    for i, block in enumerate(blocks_of(model, "lab.probe")):
         prefix = f"blocks.{i}"
         for name, (path, _) in MODULE_HOOKS.items():
             if name == "mlp.out" and _has(block, "mlp") and _routes(block.mlp):
@@ -169,7 +159,7 @@ def _install(
 ) -> list[Callable[[], None]]:
     """Put hooks exactly where ``wanted`` names are produced; return their removers."""
     undo: list[Callable[[], None]] = []
-    for i, block in enumerate(blocks_of(model)):
+    for i, block in enumerate(blocks_of(model, "lab.probe")):
         prefix = f"blocks.{i}"
         for suffix, (path, where) in MODULE_HOOKS.items():
             name = f"{prefix}.{suffix}"

@@ -14,6 +14,8 @@ it from a config, mix it per layer, or pick it in the Composer widget::
 
 from __future__ import annotations
 
+import copy
+import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -94,3 +96,39 @@ def build(cls: Callable[..., T], config: Any, block_idx: int) -> T:
         return cls(config, block_idx=block_idx)
     takes_index = "block_idx" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
     return cls(config, block_idx=block_idx) if takes_index else cls(config)
+
+
+# --- named architectures ---------------------------------------------------------------
+# name -> Config field values, plus metadata keys. ``lab.configs`` fills it with the
+# published architectures (and ``register_config`` adds yours); ``Config.from_name``
+# reads it, so the config module needs no import of the catalogue.
+named_configs: dict[str, dict[str, Any]] = {}
+METADATA_KEYS = ("hf_config", "published_params")
+
+
+def named_config(name: str) -> dict[str, Any]:
+    """The ``Config`` field values of the architecture ``name`` (a fresh copy, metadata
+    such as ``hf_config`` removed).  Unknown names raise ``ConfigError`` with the
+    closest known names."""
+    entry = copy.deepcopy(known_config(name))
+    for key in METADATA_KEYS:
+        entry.pop(key, None)
+    return entry
+
+
+def known_config(name: str) -> dict[str, Any]:
+    """The stored entry of ``name`` (metadata included); ``ConfigError`` if unknown."""
+    if name in named_configs:
+        return named_configs[name]
+    by_lower = {known.lower(): known for known in named_configs}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=5, cutoff=0.5)
+    message = f"unknown model name {name!r}"
+    if close:
+        message += f"; did you mean {', '.join(repr(by_lower[c]) for c in close)}?"
+    else:
+        message += "."
+    raise ConfigError(
+        f"{message} Config.available() lists all {len(named_configs)} names; "
+        f"register_config(name={name!r}, ...) adds one",
+        field="name",
+    )

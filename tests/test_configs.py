@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from lab import GPT, Config, ConfigError
-from lab.configs import METADATA_KEYS, configs, hf_config_of, named_config, register_config
+from lab.configs import configs, hf_config_of, register_config
 from lab.hf import FAMILIES, config_from_hf, config_to_hf, hf_model_type
+from lab.registry import METADATA_KEYS, named_config
 
 NAMES = sorted(configs)
 

@@ -341,7 +341,7 @@ def test_register_config_then_build_by_name(monkeypatch):
     from lab import configs
     from lab.configs import register_config
 
-    monkeypatch.setattr(configs, "configs", dict(configs.configs))  # keep other tests' view
+    monkeypatch.setitem(configs.configs, "my-model-7b", None)  # removed again after the test
 
     register_config(
         # My custom model

@@ -159,3 +159,10 @@ def test_invalid_variants_name_their_field(fields, field):
     with pytest.raises(ConfigError) as caught:
         lab_moe(**fields)
     assert caught.value.field == field
+
+
+def test_gpt_oss_style_biases_everywhere_need_moe_bias():
+    with pytest.raises(ConfigError, match="moe_bias=True"):
+        lab_moe(n_expert_per_token=2, bias=True)
+    layer = lab_moe(n_expert_per_token=2, bias=True, moe_bias=True)
+    assert layer.router.bias is not None and layer.experts.fc_2_bias is not None

@@ -1,4 +1,4 @@
-"""Notebook views on top of ``lab.probe``, ``lab.plots`` and ``lab.profile``.
+"""Notebook views on top of ``lab.probe``, ``lab.plots``, ``lab.memory`` and ``lab.flops``.
 
 - ``Composer``: design an architecture, see its size, build it;
 - ``AttentionView``: attention patterns of a text, per layer and head, live in training;

@@ -7,7 +7,9 @@
 Every change makes a new ``Config`` (``config.replace``, so derived sizes follow);
 an invalid combination shows the ``ConfigError`` message inline and keeps the last
 valid config. Sizes come from a meta-device model (no memory allocated, so a 70B
-config is fine) and from ``lab.profile``. Dropdowns list what the registries hold
+config is fine); FLOPs and training memory from ``lab.flops`` and ``lab.memory``, which
+run a step of that model on fake tensors, so your registered components count exactly as
+they compute. Dropdowns list what the registries hold
 when the Composer is created, user-registered components included.
 """
 
@@ -21,8 +23,9 @@ import torch
 import torchinfo
 from torch import nn
 
-from lab import profile, registry
+from lab import flops, registry
 from lab.config import ROUTERS, Config, ConfigError
+from lab.memory import estimate_memory, format_bytes
 from lab.model import GPT
 from lab.widgets.common import View, error_html
 
@@ -166,12 +169,11 @@ class Composer(View):
         seq_len = min(self.seq_len, config.block_size)
         rows = [
             ("parameters", f"{n_params:,}"),
-            (f"forward FLOPs/token (T={seq_len})", _maybe(profile.flops_per_token, config, seq_len)),
-            ("parameter memory (fp32)", profile.format_bytes(4 * n_params)),
+            (f"forward FLOPs/token (T={seq_len})", _maybe(flops.flops_per_token, config, seq_len)),
+            ("parameter memory (fp32)", format_bytes(4 * n_params)),
             (
                 f"training memory (batch 1, T={seq_len}, AdamW, fp32)",
-                _maybe(lambda: profile.format_bytes(
-                    profile.estimate_memory(config, batch_size=1, seq_len=seq_len).total)),
+                _maybe(lambda: format_bytes(estimate_memory(config, 1, seq_len).total)),
             ),
         ]  # fmt: skip
         self.n_params = n_params
@@ -239,7 +241,7 @@ class Composer(View):
         if self.n_params > self.max_build_params:
             self.status.value = error_html(
                 f"{self.n_params:,} parameters would need "
-                f"{profile.format_bytes(4 * self.n_params)} in fp32; shrink the model or "
+                f"{format_bytes(4 * self.n_params)} in fp32; shrink the model or "
                 f"pass Composer(max_build_params=...) to build it anyway"
             )
             return None
@@ -259,10 +261,10 @@ class Composer(View):
 
 
 def _maybe(fn: Callable, *args: Any) -> str:
-    """A number from ``lab.profile``, or why it is unavailable (e.g. a component the
-    analytic formulas do not know)."""
+    """A figure from ``lab.flops`` or ``lab.memory``, or why it is unavailable (a model
+    whose MoE routing needs data beside a registered component: see ``estimate_memory``)."""
     try:
         value = fn(*args)
-    except (ConfigError, KeyError, NotImplementedError, ValueError, TypeError) as error:
+    except ValueError as error:
         return f"n/a ({type(error).__name__})"
     return f"{value:,}" if isinstance(value, int) else str(value)

@@ -4,12 +4,13 @@
     view = MemoryView(config=composer.config)    # or the one you designed
     composer.on_build.append(lambda model, config: view.set_config(config))
 
-Every change re-estimates with ``lab.profile.estimate_memory`` (microseconds and no
-allocation, so a 70B model is fine), draws the stacked breakdown with
+Every change re-estimates with ``lab.memory.estimate_memory`` (a training step of the
+model itself on fake tensors: nothing allocated, so a 70B model is fine, and registered
+components count as they compute), draws the stacked breakdown with
 ``lab.plots.memory_breakdown`` against the chosen device's memory and says whether it
 fits. "measure" (on a GPU, or on the ``measure_device`` you pass) builds the model
 with as many of its layers as fit ``measure_budget``, runs one training step through
-``lab.profile.measure_memory`` and draws the measured bars beside the estimate of
+``lab.memory.measure_memory`` and draws the measured bars beside the estimate of
 that same smaller model, so the estimate is checked on the real device.
 """
 
@@ -21,8 +22,10 @@ import os
 import ipywidgets as widgets
 import torch
 
-from lab import plots, profile
+from lab import plots
 from lab.config import Config, ConfigError
+from lab.formulas import DTYPES
+from lab.memory import MemoryBreakdown, estimate_memory, format_bytes, measure_memory
 from lab.model import GPT
 from lab.widgets.common import View, error_html, png
 
@@ -92,7 +95,7 @@ class MemoryView(View):
             value=seq_len or min(start.block_size, 2048), description="sequence length", style=style
         )
         self.precision = widgets.Dropdown(
-            options=list(profile.PRECISIONS), value=precision, description="precision", style=style
+            options=list(DTYPES), value=precision, description="precision", style=style
         )
         self.optimizer = widgets.Dropdown(
             options=[*OPTIMIZER_LABELS.items(), ("none", None)], value=optimizer,
@@ -119,9 +122,9 @@ class MemoryView(View):
         self.verdict = widgets.HTML()
         self.table = widgets.HTML()
         self.image = widgets.Image(format="png")
-        self.estimate: profile.MemoryBreakdown | None = None
+        self.estimate: MemoryBreakdown | None = None
         # bar label -> measured breakdown, and the choices it was measured for
-        self.measured: dict[str, profile.MemoryBreakdown] = {}
+        self.measured: dict[str, MemoryBreakdown] = {}
         self._measured_for: tuple | None = None
         self.figure = None
         controls = [self.model_name, self.batch_size, self.seq_len, self.precision,
@@ -168,7 +171,7 @@ class MemoryView(View):
             lora_r=self.lora_r.value,
         )
 
-    def _estimate(self, config: Config) -> profile.MemoryBreakdown:
+    def _estimate(self, config: Config) -> MemoryBreakdown:
         options = self.options()
         if options["seq_len"] > config.block_size:
             raise ValueError(
@@ -177,7 +180,7 @@ class MemoryView(View):
             )
         if options["finetune"] == "lora" and options["lora_r"] < 1:
             raise ValueError(f"LoRA rank ({options['lora_r']}) must be a positive integer")
-        return profile.estimate_memory(config, **options)
+        return estimate_memory(config, **options)
 
     # --- events -------------------------------------------------------------------------------
     def set_config(self, config: Config) -> None:
@@ -225,7 +228,7 @@ class MemoryView(View):
 
     def _verdict(self, total: int, limit: int) -> str:
         share = total / limit
-        size = f"{profile.format_bytes(total)} of {profile.format_bytes(limit)} ({share:.0%})"
+        size = f"{format_bytes(total)} of {format_bytes(limit)} ({share:.0%})"
         if share > 1:
             return f"<b style='color:#b00020'>does not fit</b> on {self.device.value}: {size}"
         note = (
@@ -247,7 +250,7 @@ class MemoryView(View):
         self.image.value = png(self.figure)
         rows = "".join(
             f"<tr><td>{name.replace('_', ' ')}</td>"
-            + "".join(f"<td style='text-align:right'>{profile.format_bytes(b[name])}</td>" for b in bars.values())
+            + "".join(f"<td style='text-align:right'>{format_bytes(b[name])}</td>" for b in bars.values())
             + "</tr>"
             for name in bars["estimate"]
         )  # fmt: skip
@@ -272,11 +275,11 @@ class MemoryView(View):
                 return small
         raise ValueError(
             f"even one layer needs more than the measuring budget "
-            f"({profile.format_bytes(self.measure_budget)}); lower the batch size or "
+            f"({format_bytes(self.measure_budget)}); lower the batch size or "
             f"sequence length, or pass MemoryView(measure_budget=...)"
         )
 
-    def measure(self) -> profile.MemoryBreakdown | None:
+    def measure(self) -> MemoryBreakdown | None:
         """Build the measurable model on ``measure_device``, run one step, and draw the
         measured bars beside the estimate of the same model (what the button does)."""
         if self.measure_device is None:
@@ -292,7 +295,7 @@ class MemoryView(View):
             if options["precision"] == "bf16-true":
                 model = model.to(torch.bfloat16)
             device = self.measure_device
-            measured = profile.measure_memory(
+            measured = measure_memory(
                 model, (x.to(device), y.to(device)), options["optimizer"], options["precision"]
             )
         except (ConfigError, ValueError, ImportError, RuntimeError) as error:
@@ -310,9 +313,7 @@ class MemoryView(View):
         self._measured_for = self._choices()
         self.update()
         if measured.peak is not None:
-            self.verdict.value += (
-                f"<br>measured allocator peak: {profile.format_bytes(measured.peak)}"
-            )
+            self.verdict.value += f"<br>measured allocator peak: {format_bytes(measured.peak)}"
         return measured
 
     def __repr__(self) -> str:
@@ -323,6 +324,6 @@ class MemoryView(View):
         o = self.options()
         return (
             f"MemoryView({config.name!r}, B={o['batch_size']}, T={o['seq_len']}, "
-            f"{o['precision']}, {o['finetune']}: {profile.format_bytes(self.estimate.total)}, "
+            f"{o['precision']}, {o['finetune']}: {format_bytes(self.estimate.total)}, "
             f"{fits} on {self.device.value})"
         )

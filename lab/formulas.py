@@ -1,7 +1,14 @@
-"""Memory and FLOPs: estimate them from a config, measure them on a model.
+"""The closed forms behind the stock components' figures: parameters, FLOPs and the
+bytes autograd saves, derived term by term from ``lab/model.py``, ``lab/moe.py`` and
+the fine-tuning modules.
 
-Training memory has five parts, and the first question ("will it fit?") needs
-them all before anything is allocated::
+``lab.memory`` and ``lab.flops`` do not use these: they run the model itself on fake
+tensors, so any registered component is counted without a formula. This module is the
+explanation of what they measure for the stock components (tests check the two agree),
+and the fallback for what cannot run without data: a mixture of experts routes by the
+values of its inputs, so its layers are counted here, with every token routed (dropless).
+
+Training memory has these parts, all known before anything is allocated::
 
     parameters       P_all  x bytes(param dtype)
     weight copies    P_mat  x 2          16-bit copies autocast keeps (mixed precision)
@@ -9,103 +16,60 @@ them all before anything is allocated::
     optimizer state  P_train x states x bytes(state)   AdamW 2, SGD+momentum 1, 8-bit AdamW 2 x 1 B
     activations      what autograd saves for the backward pass, per layer
     logits           (B, T, V) logits and the log-probabilities the loss keeps
-
-``estimate_memory(config, ...)`` computes each part analytically in microseconds;
-``measure_memory(model, batch, ...)`` measures the same parts from the tensors
-themselves (and, on CUDA, the allocator's peak), so the two can be compared on any
-machine. ``flops`` counts FLOPs with PyTorch's counter, ``flops_per_token`` gives
-the analytic count, and ``mfu`` turns a step time into model FLOP utilisation.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
-from lab import lora, registry
+from lab import lora
 from lab.config import Config
 
-# precision -> (bytes per parameter, bytes per activation in matmuls), Lightning's names.
-PRECISIONS = {"32-true": (4, 4), "bf16-true": (2, 2), "bf16-mixed": (4, 2), "16-mixed": (4, 2)}
+# precision (Lightning's names) -> (parameter dtype, autocast dtype or None): fp32 or bf16
+# weights, and under ``*-mixed`` matmuls on 16-bit copies of them.
+DTYPES = {
+    "32-true": (torch.float32, None),
+    "bf16-true": (torch.bfloat16, None),
+    "bf16-mixed": (torch.float32, torch.bfloat16),
+    "16-mixed": (torch.float32, torch.float16),
+}
 # optimizer -> (states per trainable parameter, bytes per state or None = parameter dtype)
 OPTIMIZERS = {"adamw": (2, None), "sgd": (1, None), "adamw8bit": (2, 1), None: (0, None)}
 FINETUNE = ("full", "lora", "adapter", "adapter_v2", "none")
-LORA_TARGETS = lora.TARGETS
 # bitsandbytes keeps one fp32 scale per block of 2048 values of each 8-bit state
 # (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization").
 BLOCKWISE_8BIT = 2048
 
 
-def _choice(name: str, value: object, allowed: Iterable) -> None:
+def choice(name: str, value: object, allowed: Iterable) -> None:
+    """``ValueError`` naming the argument unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
 
 
-# --- the breakdown ---------------------------------------------------------------------
+def widths(precision: str) -> tuple[int, int]:
+    """(bytes per parameter, bytes per activation in matmuls) of ``precision``."""
+    choice("precision", precision, DTYPES)
+    param, compute = DTYPES[precision]
+    return param.itemsize, (compute or param).itemsize
 
 
-@dataclass
-class MemoryBreakdown:
-    """Bytes per component of one training step (or of inference). ``total`` is the
-    sum: a step holds its parameters, gradients and optimizer state while the
-    activations of the whole forward pass wait for the backward pass. The allocator's
-    real peak (``peak``, measured on CUDA) also holds temporaries and fragmentation,
-    and gradients of early layers appear only as late activations are freed."""
-
-    parameters: int
-    gradients: int
-    optimizer_state: int
-    activations: int
-    logits: int
-    weight_copies: int = 0
-    kv_cache: int = 0
-    activations_per_layer: tuple[int, ...] = ()
-    peak: int | None = None
-    trainable_parameters: int = 0
-    notes: str = ""
-
-    COMPONENTS = (
-        "parameters", "weight_copies", "gradients", "optimizer_state",
-        "activations", "logits", "kv_cache",
-    )  # fmt: skip
-
-    @property
-    def total(self) -> int:
-        return sum(getattr(self, name) for name in self.COMPONENTS)
-
-    def as_dict(self) -> dict[str, int]:
-        """Component -> bytes, ``total`` last (what a plot or widget stacks)."""
-        return {**{name: getattr(self, name) for name in self.COMPONENTS}, "total": self.total}
-
-    def __repr__(self) -> str:
-        rows = [f"{name:<16}{format_bytes(size):>12}" for name, size in self.as_dict().items()]
-        if self.peak is not None:
-            rows.append(f"{'peak (allocator)':<16}{format_bytes(self.peak):>12}")
-        return "MemoryBreakdown(\n  " + "\n  ".join(rows) + "\n)"
+def optimizer_state(trainable: int, optimizer: str | None, param_bytes: int) -> int:
+    """Bytes of the optimizer's state for ``trainable`` parameters: ``adamw`` two states,
+    ``sgd`` (with momentum) one, ``adamw8bit`` two of one byte plus an fp32 scale per
+    2048 values (bitsandbytes), ``None`` none."""
+    choice("optimizer", optimizer, OPTIMIZERS)
+    states, state_bytes = OPTIMIZERS[optimizer]
+    state = trainable * states * (state_bytes or param_bytes)
+    if optimizer == "adamw8bit":
+        state += -(-trainable // BLOCKWISE_8BIT) * states * 4
+    return state
 
 
-COMPONENTS = MemoryBreakdown.COMPONENTS
-
-
-def format_bytes(size: float) -> str:
-    """``1536`` -> ``'1.50 KiB'`` (binary units, as GPU memory is sold and reported)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} B" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-# --- parameters, analytically -------------------------------------------------------------
+# --- parameters -----------------------------------------------------------------------------
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> int:
@@ -137,7 +101,7 @@ def _attention_linears(config: Config) -> dict[str, tuple[int, int, int]]:
     return {"attn": (config.n_embd, q + 2 * kv, 1), "proj": (q, config.n_embd, 1)}
 
 
-_KNOWN = {
+STOCK = {
     "attention_class_name": ("CausalSelfAttention",),
     "mlp_class_name": ("MLP", "GatedMLP", "MoE"),
     "norm_class_name": ("RMSNorm", "LayerNorm"),
@@ -145,21 +109,28 @@ _KNOWN = {
 }
 
 
-def _is_known(config: Config) -> bool:
-    return all(getattr(config, name) in known for name, known in _KNOWN.items())
+# MoE variants the formulas leave out: each field must hold this value (read with a
+# default, as older configs lack the fields).
+UNCOUNTED = {"moe_bias": False, "moe_swiglu_limit": None, "shared_expert_gate": False}
+
+
+def covers(config: Config) -> bool:
+    """Whether every layer of ``config`` is built from the stock components these
+    formulas describe (not from a registered class of your own, nor an MoE variant in
+    ``UNCOUNTED``)."""
+    layers = [config.for_layer(i) for i in range(config.n_layer)]
+    stock = all(getattr(c, name) in known for c in layers for name, known in STOCK.items())
+    plain = all(
+        getattr(c, name, value) == value for c in layers for name, value in UNCOUNTED.items()
+    )
+    return stock and plain
 
 
 def layer_parameters(config: Config, block_idx: int) -> int:
     """Parameters of block ``block_idx``: the fused QKV ``C (nh + 2 ng) hs`` and output
     ``nh hs C`` projections, the MLP (``2 C H``, gated ``3 C H``, MoE ``E`` times a gated
-    expert plus a ``C E`` router), norms and biases. A block built from components the
-    formula does not know (your registered classes) is built on the meta device and
-    counted instead, which allocates nothing."""
+    expert plus a ``C E`` router), norms and biases."""
     cfg = config.for_layer(block_idx)
-    if not _is_known(cfg):
-        with torch.device("meta"):
-            block = registry.build(cfg.block_class, config, block_idx)
-        return sum(p.numel() for p in block.parameters())
     attn_bias = cfg.bias if cfg.attn_bias is None else cfg.attn_bias
     total = _linear(*_attention_linears(cfg)["attn"][:2], attn_bias)
     total += _linear(*_attention_linears(cfg)["proj"][:2], cfg.bias)
@@ -225,13 +196,13 @@ class FineTuning:
     adapter_start_layer: int = 2
 
     def __post_init__(self) -> None:
-        _choice("finetune", self.method, FINETUNE)
+        choice("finetune", self.method, FINETUNE)
         targets = [self.lora_targets] if isinstance(self.lora_targets, str) else self.lora_targets
         object.__setattr__(self, "lora_targets", tuple(sorted(set(targets))))
-        if self.method == "lora" and (not self.lora_targets or set(targets) - set(LORA_TARGETS)):
+        if self.method == "lora" and (not self.lora_targets or set(targets) - set(lora.TARGETS)):
             raise ValueError(
                 f"lora_targets={tuple(targets)!r} is not supported: choose a non-empty subset "
-                f"of lab.lora.TARGETS {LORA_TARGETS} (the fused QKV is 'query', 'key', "
+                f"of lab.lora.TARGETS {lora.TARGETS} (the fused QKV is 'query', 'key', "
                 "'value'; 'mlp' is fc_1 and fc_2; 'head' is lm_head)"
             )
         for name in ("lora_r", "adapter_prompt_length"):
@@ -260,15 +231,24 @@ class FineTuning:
             return True
         return any(self.trains_in_layer(i) for i in range(block_idx))
 
-    def counts(self, config: Config) -> tuple[int, int]:
-        """(trainable parameters, parameters the method adds to the model)."""
-        if self.method in ("full", "none"):
-            return (parameter_count(config) if self.method == "full" else 0), 0
-        if self.method != "lora" and not 0 <= self.adapter_start_layer < config.n_layer:
+    def check(self, config: Config) -> None:
+        """``ValueError`` if the method cannot be applied to ``GPT(config)``."""
+        adapter = self.method in ("adapter", "adapter_v2")
+        if adapter and not 0 <= self.adapter_start_layer < config.n_layer:
             raise ValueError(
                 f"adapter_start_layer ({self.adapter_start_layer}) must be a layer index, "
                 f"0..{config.n_layer - 1}"
             )
+        if self.method == "adapter_v2" or (self.method == "lora" and "mlp" in self.lora_targets):
+            what = "finetune='adapter_v2'" if self.method == "adapter_v2" else "'mlp'"
+            for i in range(config.n_layer):
+                _dense_mlp_linears(config.for_layer(i), i, what)
+
+    def counts(self, config: Config) -> tuple[int, int]:
+        """(trainable parameters, parameters the method adds to the model)."""
+        self.check(config)
+        if self.method in ("full", "none"):
+            return (parameter_count(config) if self.method == "full" else 0), 0
         r, C, targets = self.lora_r, config.n_embd, set(self.lora_targets)
         v2 = self.method == "adapter_v2"
         added, norms = 0, _norm(config, C) if v2 else 0  # ln_f
@@ -394,7 +374,7 @@ def layer_activations(
     """
     ft = finetune if isinstance(finetune, FineTuning) else FineTuning(finetune)
     cfg = config.for_layer(block_idx)
-    bytes_ = _Bytes(*PRECISIONS[precision])
+    bytes_ = _Bytes(*widths(precision))
     N, C, T = batch_size * seq_len, cfg.n_embd, seq_len
     nh, hs, width = cfg.n_head, cfg.head_size, bytes_.compute
     Q, K = nh * hs, cfg.n_query_groups * hs
@@ -503,58 +483,32 @@ def _mlp_activations(cfg: Config, N: int, width: int, keeps_fc_2: bool) -> dict[
     return {"mlp_hidden": N * H * width * (1 + keeps_fc_2)}
 
 
-def estimate_memory(
+def memory(
     config: Config,
     batch_size: int,
-    seq_len: int | None = None,
+    seq_len: int,
     precision: str = "32-true",
     optimizer: str | None = "adamw",
     activation_checkpointing: bool = False,
-    finetune: str = "full",
     fused_attention: bool = True,
-    lora_r: int = 8,
-    lora_targets: Iterable[str] = lora.DEFAULT_TARGETS,
-    adapter_prompt_length: int = 10,
-    adapter_start_layer: int = 2,
-) -> MemoryBreakdown:
-    """Memory of one training step (or, with ``finetune="none"``, of inference with a
-    KV cache of ``seq_len`` positions), from the config alone.
-
-    - ``precision`` (Lightning's names): ``32-true`` keeps everything in fp32;
-      ``bf16-true`` everything in bf16 (optimizer state too); ``bf16-mixed`` and
-      ``16-mixed`` keep fp32 weights, gradients and state, run matmuls on 16-bit copies
-      of the weights (``weight_copies``, kept by autocast for the step) and save
-      16-bit activations, while the residual stream and norms stay fp32.
-    - ``optimizer``: ``adamw`` keeps two states per trainable parameter, ``sgd`` (with
-      momentum) one, ``adamw8bit`` two of one byte plus an fp32 scale per 2048 values
-      (bitsandbytes), ``None`` none.
-    - ``activation_checkpointing``: each block keeps only its input, and recomputes
-      one block at a time during the backward pass (Chen et al. 2016), so the
-      activations are ``n_layer`` residual streams plus the largest block.
-    - ``finetune``: ``full``, ``lora`` (``lora_r``, ``lora_targets``: ``lab.lora``'s
-      names and default), ``adapter`` or ``adapter_v2`` (``adapter_prompt_length``,
-      ``adapter_start_layer``), ``none``; counted as ``lab.lora``/``lab.adapter``/
-      ``lab.adapter_v2`` build them (see ``FineTuning``). Frozen weights need no
-      gradients or state, and frozen layers keep less (see ``layer_activations``).
+    method: FineTuning | None = None,
+) -> dict[str, object]:
+    """The parts of ``lab.memory.MemoryBreakdown`` (same names, as a dict) for one
+    training step, or with ``method.method == "none"`` for inference with a KV cache of
+    ``seq_len`` positions (see ``lab.memory.estimate_memory`` for the options).
 
     Logits: the ``(B, T, V)`` logits in the compute dtype, and the log-softmax that
-    cross-entropy saves (fp32 under autocast); the final norm and the head's input count as
-    activations. Approximations: temporaries of the backward pass (a layer's
-    gradients in flight) are not counted; under autocast, AdapterV2's fp32 outputs
-    and the weight copies of frozen layers are counted roughly.
+    cross-entropy saves (fp32 under autocast); the final norm and the head's input count
+    as activations. With ``activation_checkpointing`` each block keeps only its input
+    and recomputes one block at a time (Chen et al. 2016). Under autocast, AdapterV2's
+    fp32 outputs and the weight copies of frozen layers are counted roughly.
     """
-    _choice("precision", precision, PRECISIONS)
-    _choice("optimizer", optimizer, OPTIMIZERS)
-    method = FineTuning(finetune, lora_r, lora_targets, adapter_prompt_length, adapter_start_layer)
-    seq_len = seq_len or config.block_size
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} ({value!r}) must be a positive integer")
-    param_bytes, compute_bytes = PRECISIONS[precision]
+    method = method or FineTuning()
+    param_bytes, compute_bytes = widths(precision)
     trainable, added = method.counts(config)
     N, V = batch_size * seq_len, config.padded_vocab_size
-    mixed = precision.endswith("mixed")
-    result = dict(
+    mixed = DTYPES[precision][1] is not None
+    result: dict[str, object] = dict(
         parameters=(parameter_count(config) + added) * param_bytes,
         weight_copies=_matmul_weights(config, method) * 2 if mixed else 0,
         trainable_parameters=trainable,
@@ -563,285 +517,42 @@ def estimate_memory(
         sum(layer_activations(config, i, batch_size, seq_len, precision, fused_attention, method).values())
         for i in range(config.n_layer)
     ]  # fmt: skip
-    if finetune == "none":
+    if method.method == "none":
         kv = sum(2 * batch_size * seq_len * config.for_layer(i).n_query_groups
                  * config.for_layer(i).head_size for i in range(config.n_layer))  # fmt: skip
-        return MemoryBreakdown(
-            **result, gradients=0, optimizer_state=0,
+        return dict(
+            result, gradients=0, optimizer_state=0,
             activations=max(per_layer),  # one layer's working set, freed as it goes
-            activations_per_layer=(), logits=N * V * compute_bytes, kv_cache=kv * param_bytes,
-            notes="inference: activations are the working set of one layer",
+            logits=N * V * compute_bytes, kv_cache=kv * param_bytes,
         )  # fmt: skip
     recompute = 0
     if activation_checkpointing:
         recompute = max(per_layer)
         per_layer = [N * config.n_embd * param_bytes if a else 0 for a in per_layer]
-    C, r, trains = config.n_embd, method.lora_r, finetune in ("full", "adapter_v2")
+    C, r, trains = config.n_embd, method.lora_r, method.method in ("full", "adapter_v2")
     head = _norm_saved(config, N, C, param_bytes, method.input_grad(config.n_layer), trains)
-    lora_head = finetune == "lora" and "head" in method.lora_targets
-    head += N * C * compute_bytes if finetune == "full" or lora_head else 0  # its input
+    lora_head = method.method == "lora" and "head" in method.lora_targets
+    head += N * C * compute_bytes if method.method == "full" or lora_head else 0  # its input
     head += N * r * compute_bytes if lora_head else 0  # x A^T
-    head += N * V * param_bytes if finetune == "adapter_v2" else 0  # kept for its scale
+    head += N * V * param_bytes if method.method == "adapter_v2" else 0  # kept for its scale
     if config.final_logit_softcapping is not None:
         head += N * V * compute_bytes  # tanh keeps its output
-    states, state_bytes = OPTIMIZERS[optimizer]
-    state = trainable * states * (state_bytes or param_bytes)
-    if optimizer == "adamw8bit":
-        state += -(-trainable // BLOCKWISE_8BIT) * states * 4
-    return MemoryBreakdown(
-        **result,
+    return dict(
+        result,
         gradients=trainable * param_bytes,
-        optimizer_state=state,
+        optimizer_state=optimizer_state(trainable, optimizer, param_bytes),
         activations=sum(per_layer) + recompute + head,
         activations_per_layer=tuple(per_layer),
         logits=N * V * (compute_bytes + (4 if mixed else compute_bytes)),
     )
 
 
-# --- measurement ----------------------------------------------------------------------------
-
-
-def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (tied weights counted once)."""
-    seen: dict[tuple[torch.device, int], int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[(t.device, storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
-
-
-class _SavedTensors:
-    """Records, by bucket, the storages autograd saves for backward (through
-    ``torch.autograd.graph.saved_tensors_hooks``). Parameters and the inputs are not
-    activations; 16-bit copies of weights that autocast makes go to ``weight_copies``."""
-
-    def __init__(self, model: nn.Module, excluded: Iterable[torch.Tensor], autocast: bool) -> None:
-        self.autocast = autocast  # asked up front: autocast's own kernels turn it off inside
-        self.excluded = {t.untyped_storage().data_ptr() for t in excluded}
-        self.param_shapes = {tuple(p.shape) for p in model.parameters()}
-        self.buckets: dict[str, dict[int, int]] = {}
-        self.bucket = "other"
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.excluded and storage.device.type != "meta":
-            bucket = "weight_copies" if self._is_weight_copy(t) else self.bucket
-            if not any(ptr in seen for seen in self.buckets.values()):
-                self.buckets.setdefault(bucket, {})[ptr] = storage.nbytes()
-        return t
-
-    def _is_weight_copy(self, t: torch.Tensor) -> bool:
-        t = t if t._base is None else t._base  # linear layers save weight.t(), a view
-        node = t.grad_fn
-        if node is not None and node.name() == "ToCopyBackward0":
-            source = node.next_functions[0][0]
-            return source is not None and hasattr(source, "variable")  # AccumulateGrad
-        # a frozen weight's autocast copy: 16-bit, no history, a parameter's shape
-        return (
-            node is None
-            and self.autocast
-            and t.dtype in (torch.bfloat16, torch.float16)
-            and tuple(t.shape) in self.param_shapes
-        )
-
-    def total(self, bucket: str) -> int:
-        return sum(self.buckets.get(bucket, {}).values())
-
-    def enter(self, bucket: str) -> Callable:
-        def hook(*_: object) -> None:
-            self.bucket = bucket
-
-        return hook
-
-
-def _make_optimizer(name: str | None, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
-    _choice("optimizer", name, OPTIMIZERS)
-    if name is None or not params:
-        return None
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-4)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    try:
-        import bitsandbytes as bnb
-    except ImportError as error:
-        raise ImportError(
-            "optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes"
-        ) from error
-    return bnb.optim.AdamW8bit(params, lr=1e-4)
-
-
-def measure_memory(
-    model: nn.Module,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    optimizer: str | torch.optim.Optimizer | None = "adamw",
-    precision: str = "32-true",
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    memory_history: str | Path | None = None,
-) -> MemoryBreakdown:
-    """Run one training step of ``model`` on ``batch = (x, y)`` and measure what
-    ``estimate_memory`` estimates, from the tensors themselves:
-
-    - parameters, gradients and optimizer state: bytes of the distinct storages of
-      ``model.parameters()``, their ``.grad`` and the optimizer's state after a step;
-      trainable parameters are those with ``requires_grad`` (freeze for LoRA first);
-    - activations: every tensor autograd saves for backward during the forward pass
-      (``saved_tensors_hooks``), per block of ``model.transformer.h`` when the model
-      has them; ``logits`` is the logits tensor plus what the loss saves;
-    - on CUDA also ``peak``: the allocator's ``max_memory_allocated`` over the step,
-      and with ``memory_history`` a snapshot of every allocation written to that
-      pickle file (drag it onto https://pytorch.org/memory_viz).
-
-    ``precision`` ``*-mixed`` runs the forward pass under ``torch.autocast``; for
-    ``*-true`` convert the model first (``model.to(torch.bfloat16)``). ``optimizer``
-    is a name (as for ``estimate_memory``; ``sgd`` with momentum) or an optimizer
-    over the model's trainable parameters. The model's gradients are cleared after.
-    """
-    _choice("precision", precision, PRECISIONS)
-    x, y = batch
-    params = list(model.parameters())
-    device = params[0].device
-    trainable = [p for p in params if p.requires_grad]
-    if precision.endswith("true"):
-        want = {"32-true": torch.float32, "bf16-true": torch.bfloat16}[precision]
-        if any(p.dtype != want for p in params):
-            raise ValueError(
-                f"precision={precision!r} needs a {want} model; call model.to({want}) first "
-                "or use a mixed precision"
-            )
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = _make_optimizer(optimizer, trainable)
-    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        if memory_history is not None:
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
-    autocast = (
-        torch.autocast(
-            device.type, dtype=torch.float16 if precision == "16-mixed" else torch.bfloat16
-        )
-        if precision.endswith("mixed")
-        else nullcontext()
-    )
-    saved = _SavedTensors(model, [*params, x, y], precision.endswith("mixed"))
-    blocks = list(getattr(getattr(model, "transformer", None), "h", []))
-    handles = [b.register_forward_pre_hook(saved.enter(f"layer{i}")) for i, b in enumerate(blocks)]
-    handles += [b.register_forward_hook(saved.enter("other")) for b in blocks]
-    try:
-        model.zero_grad(set_to_none=True)
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), autocast:
-            logits = model(x)
-            saved.bucket = "loss"
-            loss = loss_fn(logits, y)
-        loss.backward()
-        gradients = _storage_bytes(p.grad for p in params if p.grad is not None)
-        if optimizer is not None:
-            optimizer.step()
-        if cuda:
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
-            if memory_history is not None:
-                torch.cuda.memory._dump_snapshot(str(memory_history))
-        else:
-            peak = None
-    finally:
-        for handle in handles:
-            handle.remove()
-        if cuda and memory_history is not None:
-            torch.cuda.memory._record_memory_history(enabled=None)
-    state = [] if optimizer is None else optimizer.state.values()
-    result = MemoryBreakdown(
-        parameters=_storage_bytes(params),
-        weight_copies=saved.total("weight_copies"),
-        gradients=gradients,
-        optimizer_state=_storage_bytes(
-            t for s in state for t in s.values() if isinstance(t, torch.Tensor)
-        ),
-        activations=sum(saved.total(f"layer{i}") for i in range(len(blocks)))
-        + saved.total("other"),
-        activations_per_layer=tuple(saved.total(f"layer{i}") for i in range(len(blocks))),
-        logits=logits.untyped_storage().nbytes() + saved.total("loss"),
-        peak=peak,
-        trainable_parameters=sum(p.numel() for p in trainable),
-    )
-    model.zero_grad(set_to_none=True)
-    return result
-
-
 # --- FLOPs ------------------------------------------------------------------------------------
 
 
-def _register_cpu_attention_flops() -> None:
-    """PyTorch's counter knows the CUDA attention kernels but not the CPU flash kernel
-    (as of 2.13); count it like the others: two matmuls forward, four backward."""
-    aten = torch.ops.aten
-    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if forward is None or forward in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(forward, get_raw=True)
-    def _forward(query, key, value, *args, out_val=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
-
-    @flop_counter.register_flop_formula(
-        aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True
-    )
-    def _backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
-        return flop_counter.sdpa_backward_flop_count(
-            grad_out.shape, query.shape, key.shape, value.shape
-        )
-
-
-_register_cpu_attention_flops()
-
-
-@dataclass
-class FlopCount:
-    """FLOPs of a forward (and backward) pass: totals and ``by_module``, module path ->
-    FLOPs of the forward pass (``"transformer.h.0.attn"``; parents include children)."""
-
-    forward: int
-    backward: int
-    by_module: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return self.forward + self.backward
-
-
-def flops(
-    model: nn.Module, batch: torch.Tensor | tuple[torch.Tensor, ...], backward: bool = True
-) -> FlopCount:
-    """Count FLOPs of ``model`` on ``batch`` (token ids, or ``(x, y)``) with
-    ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix multiplications
-    and attention (2 FLOPs per multiply-add) and ignores elementwise work. With
-    ``backward``, ``logits.sum()`` is backpropagated and counted separately."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    with FlopCounterMode(display=False) as counter:
-        logits = model(x)
-    # FlopCounterMode names modules "GPT.transformer.h.0" plus a "Global" total; the
-    # root ("GPT") becomes "", the rest their paths in named_modules().
-    by_module = {
-        name.partition(".")[2]: sum(ops.values())
-        for name, ops in counter.get_flop_counts().items()
-        if name != "Global"
-    }
-    forward = counter.get_total_flops()
-    backward_flops = 0
-    if backward:
-        with FlopCounterMode(display=False) as counter:
-            logits.float().sum().backward()
-        backward_flops = counter.get_total_flops()
-        model.zero_grad(set_to_none=True)
-    return FlopCount(forward, backward_flops, by_module)
-
-
 def flops_per_token(config: Config, seq_len: int | None = None, training: bool = False) -> int:
-    """Analytic matmul FLOPs per token of a forward pass (``3x`` with ``training``:
-    the backward pass computes two matmuls for each of the forward's).
+    """Matmul FLOPs per token of a forward pass (``3x`` with ``training``: the backward
+    pass computes two matmuls for each of the forward's).
 
     ``2 x`` (multiply-adds of every matmul weight: QKV, projection, MLP, the experts a
     token is routed to, router, lm_head) ``+ 4 nh hs T`` per layer for attention
@@ -860,62 +571,3 @@ def flops_per_token(config: Config, seq_len: int | None = None, training: bool =
             total += 2 * n_in * n_out * copies
         total += 4 * cfg.n_head * cfg.head_size * T
     return 3 * total if training else total
-
-
-# --- utilisation -----------------------------------------------------------------------------
-
-# Dense (no sparsity) peak FLOP/s from NVIDIA's datasheets; "bf16"/"fp16" are tensor-core
-# rates (FP32 accumulate for the RTX 4090), "fp32" the non-tensor-core rate. SXM parts.
-GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12},
-    "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "fp32": 51.2e12},
-    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12},
-    "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "fp32": 19.5e12},
-    "L4": {"bf16": 121.0e12, "fp16": 121.0e12, "fp32": 30.3e12},
-    "T4": {"fp16": 65.0e12, "fp32": 8.1e12},  # Turing: no bf16
-    "RTX 4090": {"bf16": 165.2e12, "fp16": 165.2e12, "fp32": 82.6e12},
-}
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def measure_cpu_peak_flops(
-    size: int = 1024, dtype: torch.dtype = torch.float32, repeats: int = 5
-) -> float:
-    """FLOP/s of the best of ``repeats`` ``size x size`` matmuls on this CPU (with
-    the current ``torch.get_num_threads()``): a practical peak, ``2 n^3`` FLOPs each."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def peak_flops(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> float:
-    """Peak FLOP/s of ``device`` for ``dtype``: the published dense figure for known
-    GPUs (``GPU_PEAK_FLOPS``, bf16 by default), a measured matmul for the CPU (fp32 by
-    default)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        return measure_cpu_peak_flops(dtype=dtype or torch.float32)
-    dtype = dtype or torch.bfloat16
-    name = torch.cuda.get_device_name(device)
-    kind = _DTYPE_NAMES.get(dtype)
-    for gpu, table in GPU_PEAK_FLOPS.items():  # "H100 PCIe" is listed before "H100"
-        if gpu in name and kind in table:
-            return table[kind]
-    raise ValueError(
-        f"no published {kind or dtype} peak for {name!r}; pass peak= to mfu() "
-        f"(known: {', '.join(GPU_PEAK_FLOPS)})"
-    )
-
-
-def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
-    """Model FLOP utilisation (Chowdhery et al. 2022): the FLOPs the model needs per
-    step (``flops_per_token(config, T, training=True) * tokens``, or ``flops(...).total``)
-    divided by what the device could do in that time, ``step_seconds * peak``."""
-    if step_seconds <= 0 or peak <= 0:
-        raise ValueError(f"step_seconds ({step_seconds}) and peak ({peak}) must be > 0")
-    return flops_per_step / (step_seconds * peak)
