@@ -29,6 +29,7 @@ Add your own with ``register_config`` (the guide's "Step 4")::
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,16 @@ QWEN3_MOE = dict(FAMILIES["qwen3_moe"].base, **QWEN3_SIZES)
 OLMO2 = dict(
     FAMILIES["olmo2"].base, block_size=4096, vocab_size=100278, padded_vocab_size=100352,
     rope_base=500000.0, norm_eps=1e-6,
+)  # fmt: skip
+# GPT-OSS: 64 query heads of 64 with sinks, sliding (128) and full layers alternating,
+# YaRN (x32, untruncated ramp), biased router and experts with the clamped SwiGLU.
+GPT_OSS = dict(
+    FAMILIES["gpt_oss"].base, block_size=131072, vocab_size=201088, n_embd=2880, n_head=64,
+    n_query_groups=8, head_size=64, intermediate_size=2880, n_expert_per_token=4,
+    rope_scaling={
+        "type": "yarn", "factor": 32.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
+        "beta_slow": 1.0, "attention_factor": None, "truncate": False,
+    },
 )  # fmt: skip
 # SmolLM3: a Llama with GQA whose every 4th layer has no positions (NoPE).
 SMOLLM3 = dict(FAMILIES["smollm3"].base, vocab_size=128256, norm_eps=1e-6)
@@ -361,6 +372,41 @@ _entries: list[dict[str, Any]] = [
             ("OLMo-2-13B", "OLMo-2-1124-13B", 13_716_198_400, 40, 5120, 40, 40, 13824),
             ("OLMo-2-32B", "OLMo-2-0325-32B", 32_234_279_936, 64, 5120, 40, 8, 27648),
         ]
+    ),
+    _family("Qwen", dict(FAMILIES["qwen3_next"].base, **QWEN3_SIZES))(
+        "Qwen3-Next-80B-A3B", 79_674_391_296, hf_name="Qwen3-Next-80B-A3B-Instruct",
+        block_size=262144, norm_eps=1e-6, n_layer=48, n_embd=2048, n_head=16, n_query_groups=2,
+        head_size=256, intermediate_size=5632, n_expert=512, n_expert_per_token=10,
+        moe_intermediate_size=512, n_shared_expert=1, shared_expert_gate=True,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        layer_overrides={i: {"attention_class_name": "CausalSelfAttention"} for i in range(3, 48, 4)},
+    ),
+    # --- gpt-oss (OpenAI 2025) -------------------------------------------------------------------
+    *(
+        _family("openai", GPT_OSS)(
+            name, params, n_layer=n_layer, n_expert=n_expert,
+            **sliding_window_fields(128, alternating(n_layer)),
+        )
+        for name, params, n_layer, n_expert in [
+            ("gpt-oss-20b", 20_914_757_184, 24, 32),
+            ("gpt-oss-120b", 116_829_156_672, 36, 128),
+        ]
+    ),
+    # --- DeepSeek-V3 (DeepSeek-AI 2024): MLA, 256 routed experts in 8 groups, 3 dense layers ---
+    _family("deepseek-ai", FAMILIES["deepseek_v3"].base)(
+        "DeepSeek-V3", 671_026_404_352, block_size=163840, vocab_size=129280, norm_eps=1e-6,
+        n_layer=61, n_embd=7168, n_head=128, intermediate_size=18432,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, n_expert=256, n_expert_per_token=8, moe_intermediate_size=2048,
+        n_shared_expert=1, moe_n_group=8, moe_topk_group=4, moe_routed_scaling=2.5,
+        rope_base=10000.0,
+        rope_scaling={
+            "type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
+            "beta_slow": 1.0, "attention_factor": None, "mscale": 1.0, "mscale_all_dim": 1.0,
+        },
+        attention_scale=192**-0.5 * (0.1 * math.log(40.0) + 1) ** 2,
+        layer_overrides={i: {"mlp_class_name": "GatedMLP"} for i in range(3)},
     ),
     # --- SmolLM3 (Hugging Face 2025): NoPE on every 4th layer ------------------------------------
     _family("HuggingFaceTB", SMOLLM3)(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lab import GPT
+from lab import GPT, Config, ConfigError
 from lab.generate import generate, supports_kv_cache
 from lab.hf import config_from_hf
 
@@ -33,6 +33,27 @@ FAMILIES_2025 = {
     ),
     "olmo2": dict(TINY, num_hidden_layers=2),
     "smollm3": dict(TINY, num_hidden_layers=4, no_rope_layer_interval=2),
+    # sinks, sliding and full layers alternating, YaRN, biased experts
+    "gpt_oss": dict(
+        TINY, num_hidden_layers=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=4, swiglu_limit=1.0,
+        rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, truncate=False,
+                             original_max_position_embeddings=16),
+    ),
+    # MLA (its latent cache), group-limited routing, a dense first layer
+    "deepseek_v3": dict(
+        TINY, num_hidden_layers=2, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1, q_lora_rank=16,
+        kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+    ),
+    # Gated DeltaNet (its recurrent state) and gated full attention, every other layer
+    "qwen3_next": dict(
+        TINY, num_hidden_layers=2, head_dim=8, layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, norm_topk_prob=True,
+    ),
 }  # fmt: skip
 
 
@@ -86,3 +107,38 @@ def test_layer_patterns_come_from_the_config_json():
     assert [smol.for_layer(i).positional for i in range(4)] == ["rope", "none", "rope", "none"]
     qwen = tiny_model("qwen3_moe").config
     assert [qwen.for_layer(i).mlp_class_name for i in range(3)] == ["MoE", "GatedMLP", "MoE"]
+    oss = tiny_model("gpt_oss").config
+    assert [oss.for_layer(i).sliding_window_size for i in range(2)] == [4, None]
+    assert oss.attention_sinks and oss.moe_bias
+    deepseek = tiny_model("deepseek_v3").config
+    assert [deepseek.for_layer(i).mlp_class_name for i in range(2)] == ["GatedMLP", "MoE"]
+    next_ = tiny_model("qwen3_next").config
+    mixers = [next_.for_layer(i).attention_class_name for i in range(2)]
+    assert mixers == ["GatedDeltaNet", "CausalSelfAttention"]
+
+
+@torch.no_grad()
+def test_caches_hold_what_each_mixer_needs():
+    """MLA caches the normalised latent and the one rotary key, not keys and values per
+    head; Gated DeltaNet keeps a state whose size does not depend on the length."""
+    deepseek = tiny_model("deepseek_v3")
+    deepseek.set_kv_cache(batch_size=1, max_seq_length=24)
+    cache = deepseek.transformer.h[0].attn.kv_cache
+    assert (cache.k.shape, cache.v.shape) == ((1, 1, 24, 12), (1, 1, 24, 4))
+    qwen = tiny_model("qwen3_next")
+    qwen.set_kv_cache(batch_size=1, max_seq_length=24)
+    state = qwen.transformer.h[0].attn.kv_cache
+    assert state.state.shape == (1, 4, 8, 8) and state.conv.shape == (1, 3, 2 * 16 + 32)
+    qwen.set_kv_cache(batch_size=1, max_seq_length=48)
+    assert qwen.transformer.h[0].attn.kv_cache.state.shape == (1, 4, 8, 8)
+    oss = tiny_model("gpt_oss")
+    assert oss.transformer.h[0].attn.sinks.abs().sum() > 0  # the sinks take part below
+
+
+def test_yarn_options_of_gpt_oss_and_deepseek_are_config_values():
+    """GPT-OSS's untruncated ramp and DeepSeek's mscale are ``rope_scaling`` keys."""
+    base = dict(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB)
+    yarn = {"type": "yarn", "factor": 4.0, "truncate": False, "mscale": 1.0, "mscale_all_dim": 1.0}
+    assert Config(**base, rope_scaling=yarn).rope_scaling["truncate"] is False
+    with pytest.raises(ConfigError, match="truncate"):
+        Config(**base, rope_scaling=dict(yarn, truncate="no"))

@@ -78,6 +78,34 @@ CASES = {
         },
     )),
     "olmo2-post-norm": ("olmo2", dict(LLAMA_LIKE)),
+    "gpt_oss-sinks-sliding-yarn": ("gpt_oss", dict(
+        LLAMA_LIKE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.5,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, truncate=False,
+                             beta_fast=32.0, beta_slow=1.0, original_max_position_embeddings=16),
+    )),
+    "deepseek_v3-mla-groups": ("deepseek_v3", dict(
+        LLAMA_LIKE, num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1, q_lora_rank=24,
+        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+        rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, mscale=1.0,
+                             mscale_all_dim=1.0, original_max_position_embeddings=16),
+    )),
+    "deepseek_v3-no-q-lora": ("deepseek_v3", dict(
+        LLAMA_LIKE, num_hidden_layers=2, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=2,
+        moe_intermediate_size=24, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+    )),
+    "qwen3_next-hybrid": ("qwen3_next", dict(
+        LLAMA_LIKE, num_hidden_layers=3, head_dim=16, partial_rotary_factor=0.25,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[2],
+    )),
     "smollm3-nope": ("smollm3", dict(LLAMA_LIKE, num_hidden_layers=4, no_rope_layer_interval=2,
                                      rope_parameters=dict(rope_type="default", rope_theta=1e4))),
 }  # fmt: skip
@@ -97,6 +125,9 @@ def hf_model(model_type: str, kwargs: dict):
                 param.normal_(1.0, 0.2)
             else:
                 param.normal_(0.0, 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's selection-only bias
+                buffer.normal_(0.0, 0.5)
     return model.eval()
 
 

@@ -202,7 +202,7 @@ def _rope_from_hf(hf: dict[str, Any], family: Family, model_type: str) -> dict[s
                 "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
                 "attention_factor": params.get("attention_factor"),
                 # GPT-OSS keeps the ramp's fractional ends; DeepSeek-V3 sets mscale(_all_dim)
-                **{k: params[k] for k in _YARN_OPTIONS if params.get(k) not in (None, True)},
+                **{k: params[k] for k in _YARN_OPTIONS if params.get(k) is not None and params.get(k) is not True},
             }  # fmt: skip
         else:
             _unsupported(True, model_type, "rope type", kind)
@@ -240,7 +240,7 @@ def _rope_to_hf(config: Config, family: Family) -> dict[str, Any]:
         hf_scaling.update(
             original_max_position_embeddings=original, attention_factor=scaling.get("attention_factor"),
             beta_fast=float(scaling.get("beta_fast", 32)), beta_slow=float(scaling.get("beta_slow", 1)),
-            **{k: scaling[k] for k in _YARN_OPTIONS if scaling.get(k) not in (None, True)},
+            **{k: scaling[k] for k in _YARN_OPTIONS if scaling.get(k) is not None and scaling.get(k) is not True},
         )  # fmt: skip
     elif kind != "linear":
         raise CheckpointError(f"rope_scaling type {kind!r} has no Hugging Face equivalent")

@@ -36,10 +36,34 @@ GEMMA2_KEYS = {
 MIXTRAL_KEYS = {
     **LLAMA_KEYS, "n_expert": ("num_local_experts",), "n_expert_per_token": ("num_experts_per_tok",),
 }  # fmt: skip
+GPT_OSS_KEYS = {**MIXTRAL_KEYS, "moe_swiglu_limit": ("swiglu_limit",)}
+DEEPSEEK_KEYS = {
+    **{k: v for k, v in LLAMA_KEYS.items() if k != "head_size"},
+    "n_expert": ("n_routed_experts",),
+    "n_expert_per_token": ("num_experts_per_tok",),
+    "moe_intermediate_size": ("moe_intermediate_size",),
+    "n_shared_expert": ("n_shared_experts",),
+    "moe_n_group": ("n_group",),
+    "moe_topk_group": ("topk_group",),
+    "moe_routed_scaling": ("routed_scaling_factor",),
+    "q_lora_rank": ("q_lora_rank",),
+    "kv_lora_rank": ("kv_lora_rank",),
+    "qk_nope_head_dim": ("qk_nope_head_dim",),
+    "qk_rope_head_dim": ("qk_rope_head_dim",),
+    "v_head_dim": ("v_head_dim",),
+}
 QWEN_MOE_KEYS = {
     **LLAMA_KEYS, "n_expert": ("num_experts", "num_local_experts"), "n_expert_per_token": ("num_experts_per_tok",),
     "moe_intermediate_size": ("moe_intermediate_size",),
 }  # fmt: skip
+QWEN3_NEXT_KEYS = {
+    **QWEN_MOE_KEYS,
+    "linear_num_key_heads": ("linear_num_key_heads",),
+    "linear_num_value_heads": ("linear_num_value_heads",),
+    "linear_key_head_dim": ("linear_key_head_dim",),
+    "linear_value_head_dim": ("linear_value_head_dim",),
+    "linear_conv_kernel_size": ("linear_conv_kernel_dim",),
+}
 NEOX_KEYS = {
     **{k: v for k, v in LLAMA_KEYS.items() if k not in ("n_query_groups", "head_size")},
     "norm_eps": ("layer_norm_eps",), "parallel_residual": ("use_parallel_residual",),
@@ -215,6 +239,70 @@ def _write_qwen_moe(config: Any, config_json: dict[str, Any]) -> None:
     config_json["norm_topk_prob"] = routers != {"softmax_topk"}  # another one: not read back
 
 
+def _read_deepseek_v3(config_json: dict[str, Any], values: dict[str, Any]) -> None:
+    """DeepSeek-V3: the first ``first_k_dense_replace`` layers are dense; with YaRN the
+    softmax scale of MLA grows by ``mscale(factor, mscale_all_dim)^2``."""
+    if "q_lora_rank" in config_json:  # null: one plain query projection (DeepSeek-V2-Lite)
+        values["q_lora_rank"] = config_json["q_lora_rank"]
+    dense = config_json.get("first_k_dense_replace") or 0
+    mlps = ["GatedMLP" if i < dense else "MoE" for i in range(values["n_layer"])]
+    set_per_layer(values, "mlp_class_name", mlps)
+    scale = (values["qk_nope_head_dim"] + values["qk_rope_head_dim"]) ** -0.5
+    scaling = values.get("rope_scaling") or {}
+    if scaling.get("type") == "yarn" and scaling.get("mscale_all_dim"):
+        factor = scaling["factor"]
+        mscale = 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1 if factor > 1 else 1.0
+        scale *= mscale**2
+    values["attention_scale"] = scale
+
+
+def _write_deepseek_v3(config: Any, config_json: dict[str, Any]) -> None:
+    mlps = _layers(config, "mlp_class_name")
+    config_json["first_k_dense_replace"] = mlps.index("MoE") if "MoE" in mlps else len(mlps)
+
+
+def _read_qwen3_next(config_json: dict[str, Any], values: dict[str, Any]) -> None:
+    """Qwen3-Next: Qwen-MoE layers with a gated shared expert, and Gated DeltaNet on every
+    layer that ``layer_types`` calls ``linear_attention`` (3 of 4 by default)."""
+    _read_qwen_moe(config_json, values)
+    n_layer, interval = values["n_layer"], config_json.get("full_attention_interval") or 4
+    types = config_json.get("layer_types") or [
+        "linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layer)
+    ]
+    mixers = {"linear_attention": "GatedDeltaNet", "full_attention": "CausalSelfAttention"}
+    unknown = sorted(set(types) - set(mixers))
+    if unknown:
+        raise CheckpointError(
+            f"this qwen3_next config.json has layer_types {unknown}, which lab does not implement"
+        )
+    set_per_layer(values, "attention_class_name", [mixers[t] for t in types])
+    shared = config_json.get("shared_expert_intermediate_size") or 0
+    experts = values.get("moe_intermediate_size") or 1
+    if shared % experts:
+        raise CheckpointError(
+            f"this qwen3_next config.json has shared_expert_intermediate_size={shared}, not a "
+            f"multiple of moe_intermediate_size ({experts}); lab's shared experts are whole experts"
+        )
+    values["n_shared_expert"], values["shared_expert_gate"] = shared // experts, shared > 0
+
+
+def _write_qwen3_next(config: Any, config_json: dict[str, Any]) -> None:
+    _write_qwen_moe(config, config_json)
+    kinds = {"GatedDeltaNet": "linear_attention", "CausalSelfAttention": "full_attention"}
+    config_json["layer_types"] = [kinds.get(a, a) for a in _layers(config, "attention_class_name")]
+    config_json["shared_expert_intermediate_size"] = config.n_shared_expert * (
+        config.moe_intermediate_size or config.intermediate_size
+    )
+    sizes = config.deltanet_sizes()
+    config_json.update(
+        linear_num_key_heads=sizes["num_key_heads"],
+        linear_num_value_heads=sizes["num_value_heads"],
+        linear_key_head_dim=sizes["key_head_dim"],
+        linear_value_head_dim=sizes["value_head_dim"],
+        linear_conv_kernel_dim=sizes["conv_kernel_size"],
+    )
+
+
 def _gemma3_sliding(config_json: dict[str, Any], n_layer: int) -> list[bool]:
     return every_nth_global(n_layer, config_json.get("sliding_window_pattern", 6))
 
@@ -240,6 +328,7 @@ LLAMA_FIELDS = dict(positional="rope", norm_class_name="RMSNorm", mlp_class_name
 LLAMA_DEFAULTS = dict(
     rope_base=10000.0, rotary_percentage=1.0, norm_eps=1e-6, activation="silu", bias=False
 )
+NO_BIAS_DEFAULTS = {k: v for k, v in LLAMA_DEFAULTS.items() if k != "bias"}  # fields say
 GEMMA_FIELDS = dict(LLAMA_FIELDS, norm_unit_offset=True, scale_embeddings=True)
 GEMMA_DEFAULTS = dict(LLAMA_DEFAULTS, activation="gelu_tanh", tie_embeddings=True)
 GEMMA2_LAYOUT = Layout(
@@ -302,6 +391,46 @@ FAMILIES: dict[str, Family] = {
         layout=Layout(norm_1="", norm_2="", post_attention_norm="post_attention_layernorm",
                       post_mlp_norm="post_feedforward_layernorm"),
         requires={"attention_bias": False},
+    ),
+    "gpt_oss": Family(
+        "GptOssForCausalLM", GPT_OSS_KEYS,
+        dict(
+            LLAMA_FIELDS, mlp_class_name="MoE", router="topk_softmax", bias=True, moe_bias=True,
+            attention_sinks=True,
+        ),
+        dict(NO_BIAS_DEFAULTS, rope_base=150000.0, norm_eps=1e-5, moe_swiglu_limit=7.0),
+        Layout(router="mlp.router", experts="", experts_interleaved=True),
+        windows="layer_types", sliding_layers=lambda config_json, n_layer: alternating(n_layer),
+        requires={"attention_bias": True, "swiglu_alpha": 1.702}, write=_write_mixtral,
+    ),
+    "deepseek_v3": Family(
+        "DeepseekV3ForCausalLM", DEEPSEEK_KEYS,
+        dict(
+            LLAMA_FIELDS, attention_class_name="MLA", mlp_class_name="MoE", router="sigmoid_bias",
+            bias=False,
+        ),
+        dict(
+            LLAMA_DEFAULTS, n_shared_expert=1, q_lora_rank=1536, kv_lora_rank=512,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        ),
+        Layout(
+            router="mlp.gate", experts="mlp.experts", expert_fc_1=("gate_proj", "up_proj"),
+            expert_fc_2="down_proj",
+        ),
+        requires={"attention_bias": False, "norm_topk_prob": True, "rope_interleave": True},
+        read=_read_deepseek_v3, write=_write_deepseek_v3,
+    ),
+    "qwen3_next": Family(
+        "Qwen3NextForCausalLM", QWEN3_NEXT_KEYS,
+        dict(
+            LLAMA_FIELDS, attention_class_name="GatedDeltaNet", norm_qk=True,
+            norm_unit_offset=True, attention_gate="elementwise", mlp_class_name="MoE", bias=False,
+        ),
+        dict(LLAMA_DEFAULTS, rope_base=1e7, rotary_percentage=0.25, router="topk_softmax"),
+        Layout(router="mlp.gate", experts="mlp.experts", expert_fc_1=("gate_proj", "up_proj"),
+               expert_fc_2="down_proj", shared_experts="mlp.shared_expert"),
+        rope="partial", requires={"attention_bias": False},
+        read=_read_qwen3_next, write=_write_qwen3_next,
     ),
     "smollm3": Family(
         "SmolLM3ForCausalLM", fields=LLAMA_FIELDS,
