@@ -142,3 +142,27 @@ def test_yarn_options_of_gpt_oss_and_deepseek_are_config_values():
     assert Config(**base, rope_scaling=yarn).rope_scaling["truncate"] is False
     with pytest.raises(ConfigError, match="truncate"):
         Config(**base, rope_scaling=dict(yarn, truncate="no"))
+
+
+def test_hub_forms_of_the_layer_patterns():
+    """Older config.json forms: Qwen3-Next's full_attention_interval, SmolLM3's explicit
+    no_rope_layers, Qwen3-MoE's decoder_sparse_step, DeepSeek's first_k_dense_replace."""
+    next_ = config_from_hf(
+        {"model_type": "qwen3_next", **dict(FAMILIES_2025["qwen3_next"], layer_types=None),
+         "num_hidden_layers": 4, "full_attention_interval": 2}
+    )  # fmt: skip
+    mixers = [next_.for_layer(i).attention_class_name for i in range(4)]
+    assert mixers == ["GatedDeltaNet", "CausalSelfAttention"] * 2
+    smol = config_from_hf(
+        {"model_type": "smollm3", **FAMILIES_2025["smollm3"], "no_rope_layers": [0, 1, 1, 1]}
+    )
+    assert [smol.for_layer(i).positional for i in range(4)] == ["none", "rope", "rope", "rope"]
+    qwen = config_from_hf(
+        {"model_type": "qwen3_moe", **FAMILIES_2025["qwen3_moe"], "mlp_only_layers": [],
+         "decoder_sparse_step": 3}
+    )  # fmt: skip
+    assert [qwen.for_layer(i).mlp_class_name for i in range(3)] == ["GatedMLP"] * 2 + ["MoE"]
+    deepseek = config_from_hf(
+        {"model_type": "deepseek_v3", **FAMILIES_2025["deepseek_v3"], "first_k_dense_replace": 2}
+    )
+    assert {deepseek.for_layer(i).mlp_class_name for i in range(2)} == {"GatedMLP"}
