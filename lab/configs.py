@@ -29,7 +29,6 @@ Add your own with ``register_config`` (the guide's "Step 4")::
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +37,7 @@ from lab.hf.families import (
     FAMILIES,
     alternating,
     every_nth_global,
+    mla_attention_scale,
     set_per_layer,
     sliding_window_fields,
 )
@@ -134,6 +134,10 @@ GPT_OSS = dict(
         "beta_slow": 1.0, "attention_factor": None, "truncate": False,
     },
 )  # fmt: skip
+DEEPSEEK_V3_YARN = {
+    "type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
+    "beta_slow": 1.0, "attention_factor": None, "mscale": 1.0, "mscale_all_dim": 1.0,
+}  # fmt: skip
 # SmolLM3: a Llama with GQA whose every 4th layer has no positions (NoPE).
 SMOLLM3 = dict(FAMILIES["smollm3"].base, vocab_size=128256, norm_eps=1e-6)
 
@@ -401,11 +405,7 @@ _entries: list[dict[str, Any]] = [
         v_head_dim=128, n_expert=256, n_expert_per_token=8, moe_intermediate_size=2048,
         n_shared_expert=1, moe_n_group=8, moe_topk_group=4, moe_routed_scaling=2.5,
         rope_base=10000.0,
-        rope_scaling={
-            "type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
-            "beta_slow": 1.0, "attention_factor": None, "mscale": 1.0, "mscale_all_dim": 1.0,
-        },
-        attention_scale=192**-0.5 * (0.1 * math.log(40.0) + 1) ** 2,
+        rope_scaling=DEEPSEEK_V3_YARN, attention_scale=mla_attention_scale(192, DEEPSEEK_V3_YARN),
         layer_overrides={i: {"mlp_class_name": "GatedMLP"} for i in range(3)},
     ),
     # --- SmolLM3 (Hugging Face 2025): NoPE on every 4th layer ------------------------------------

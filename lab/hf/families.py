@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lab.errors import CheckpointError
+from lab.positional import yarn_mscale
 
 # Config field -> the config.json keys that hold it (read: the first present; write: all).
 LLAMA_KEYS = {
@@ -239,6 +240,16 @@ def _write_qwen_moe(config: Any, config_json: dict[str, Any]) -> None:
     config_json["norm_topk_prob"] = routers != {"softmax_topk"}  # another one: not read back
 
 
+def mla_attention_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> float:
+    """DeepSeek's softmax scale: ``1/sqrt(qk_head_dim)``, and with YaRN times
+    ``yarn_mscale(factor, mscale_all_dim)^2`` (the longer context's sharper softmax)."""
+    scaling = rope_scaling or {}
+    scale = qk_head_dim**-0.5
+    if scaling.get("type") == "yarn" and scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+    return scale
+
+
 def _read_deepseek_v3(config_json: dict[str, Any], values: dict[str, Any]) -> None:
     """DeepSeek-V3: the first ``first_k_dense_replace`` layers are dense; with YaRN the
     softmax scale of MLA grows by ``mscale(factor, mscale_all_dim)^2``."""
@@ -247,13 +258,8 @@ def _read_deepseek_v3(config_json: dict[str, Any], values: dict[str, Any]) -> No
     dense = config_json.get("first_k_dense_replace") or 0
     mlps = ["GatedMLP" if i < dense else "MoE" for i in range(values["n_layer"])]
     set_per_layer(values, "mlp_class_name", mlps)
-    scale = (values["qk_nope_head_dim"] + values["qk_rope_head_dim"]) ** -0.5
-    scaling = values.get("rope_scaling") or {}
-    if scaling.get("type") == "yarn" and scaling.get("mscale_all_dim"):
-        factor = scaling["factor"]
-        mscale = 0.1 * scaling["mscale_all_dim"] * math.log(factor) + 1 if factor > 1 else 1.0
-        scale *= mscale**2
-    values["attention_scale"] = scale
+    qk_head_dim = values["qk_nope_head_dim"] + values["qk_rope_head_dim"]
+    values["attention_scale"] = mla_attention_scale(qk_head_dim, values.get("rope_scaling"))
 
 
 def _write_deepseek_v3(config: Any, config_json: dict[str, Any]) -> None:
