@@ -134,6 +134,7 @@ GPT_OSS = dict(
         "beta_slow": 1.0, "attention_factor": None, "truncate": False,
     },
 )  # fmt: skip
+# DeepSeek-V3: YaRN x40 whose mscale sharpens the softmax (``mla_attention_scale``).
 DEEPSEEK_V3_YARN = {
     "type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
     "beta_slow": 1.0, "attention_factor": None, "mscale": 1.0, "mscale_all_dim": 1.0,
@@ -353,7 +354,8 @@ _entries: list[dict[str, Any]] = [
     ),
     *(
         _gemma(
-            name, params, hf_name=hf_name, block_size=131072, vocab_size=262208,
+            name, params, hf_name=hf_name, block_size=131072, vocab_size=262144,
+            padded_vocab_size=262208,  # the multimodal models' rows (image tokens)
             **_gemma3(n_layer=n_layer, window=1024, query_pre_attn_scalar=scalar, scaling=8.0),
             n_embd=n_embd, n_head=n_head, n_query_groups=n_head // 2, head_size=head_size,
             intermediate_size=inter,
