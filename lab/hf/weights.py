@@ -3,7 +3,11 @@ family's ``Layout``.
 
 A rule names the Hugging Face tensors a lab tensor is made of and how: transposed
 (GPT-2's Conv1D), concatenated along the output dimension (lab's fused QKV and
-gate|up), regrouped per head (GPT-NeoX) or stacked per expert (Mixtral). The same
+gate|up), regrouped per head (GPT-NeoX) or stacked per expert (Mixtral, Qwen-MoE,
+DeepSeek; or taken stacked as transformers >= 5 holds them). The families of 2025 add
+three reorderings: GPT-OSS's experts interleave gate and up rows, DeepSeek's MLA
+rotates pairs of rows where lab rotates halves, and Qwen3-Next groups its DeltaNet
+projections per key head and its attention gate inside ``q_proj`` per head. The same
 rule converts both ways, so import and export cannot drift apart.
 """
 
