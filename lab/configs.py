@@ -370,13 +370,14 @@ _entries: list[dict[str, Any]] = [
     *(
         _family("allenai", OLMO2)(
             name, params, hf_name=hf_name, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-            n_query_groups=groups, intermediate_size=inter,
+            n_query_groups=groups, intermediate_size=inter, padded_vocab_size=rows,
         )
-        for name, hf_name, params, n_layer, n_embd, n_head, groups, inter in [
-            ("OLMo-2-1B", "OLMo-2-0425-1B", 1_484_916_736, 16, 2048, 16, 16, 8192),
-            ("OLMo-2-7B", "OLMo-2-1124-7B", 7_298_617_344, 32, 4096, 32, 32, 11008),
-            ("OLMo-2-13B", "OLMo-2-1124-13B", 13_716_198_400, 40, 5120, 40, 40, 13824),
-            ("OLMo-2-32B", "OLMo-2-0325-32B", 32_234_279_936, 64, 5120, 40, 8, 27648),
+        for name, hf_name, params, n_layer, n_embd, n_head, groups, inter, rows in [
+            ("OLMo-2-1B", "OLMo-2-0425-1B", 1_484_916_736, 16, 2048, 16, 16, 8192, 100352),
+            ("OLMo-2-7B", "OLMo-2-1124-7B", 7_298_617_344, 32, 4096, 32, 32, 11008, 100352),
+            ("OLMo-2-13B", "OLMo-2-1124-13B", 13_716_198_400, 40, 5120, 40, 40, 13824, 100352),
+            # the 32B model's embedding is not padded (vocab_size 100278 in its config.json)
+            ("OLMo-2-32B", "OLMo-2-0325-32B", 32_233_522_176, 64, 5120, 40, 8, 27648, 100278),
         ]
     ),
     _family("Qwen", dict(FAMILIES["qwen3_next"].base, **QWEN3_SIZES))(
