@@ -48,7 +48,19 @@ ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("factor",), ()),
     "ntk": (("factor",), ()),
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"), ()),
-    "yarn": (("factor",), ("original_max_seq_len", "beta_fast", "beta_slow", "attention_factor")),
+    # truncate=False: GPT-OSS's ramp; mscale, mscale_all_dim: DeepSeek's attention factor
+    "yarn": (
+        ("factor",),
+        (
+            "original_max_seq_len",
+            "beta_fast",
+            "beta_slow",
+            "attention_factor",
+            "truncate",
+            "mscale",
+            "mscale_all_dim",
+        ),
+    ),
 }
 # What a dict-valued field looks like, for the error that rejects a value of another type.
 EXAMPLES = {
@@ -358,6 +370,13 @@ class Config:
         )
         for key, value in scaling.items():
             if key == "type" or (key == "attention_factor" and value is None):
+                continue
+            if key == "truncate":
+                _require(
+                    isinstance(value, bool),
+                    "rope_scaling",
+                    f"rope_scaling['truncate'] ({value!r}) must be True or False",
+                )
                 continue
             kind_of_value = int if key == "original_max_seq_len" else float
             _require(

@@ -33,7 +33,14 @@ from collections.abc import Callable
 from typing import Any
 
 from lab.errors import ConfigError
-from lab.hf.families import FAMILIES, alternating, sliding_window_fields
+from lab.hf.families import (
+    FAMILIES,
+    alternating,
+    every_nth_global,
+    mla_attention_scale,
+    set_per_layer,
+    sliding_window_fields,
+)
 from lab.registry import known_config, named_configs
 
 # Keys of an entry that describe the model but are not Config fields.
@@ -106,6 +113,52 @@ PHI = dict(
     FAMILIES["phi"].base, block_size=2048, vocab_size=50257, padded_vocab_size=51200,
     rope_base=10000.0, norm_eps=1e-5,
 )  # fmt: skip
+
+# --- the families of 2025 ------------------------------------------------------------------
+# Qwen3: per-head QK-norm, no biases; Qwen3-MoE adds 128 experts, 8 per token, renormalised.
+QWEN3_SIZES = dict(block_size=40960, vocab_size=151643, padded_vocab_size=151936, head_size=128)
+QWEN3 = dict(FAMILIES["qwen3"].base, rope_base=1000000.0, **QWEN3_SIZES)
+QWEN3_MOE = dict(FAMILIES["qwen3_moe"].base, **QWEN3_SIZES)
+# OLMo 2: norms after each branch only, QK-norm over whole projections, 100k vocabulary.
+OLMO2 = dict(
+    FAMILIES["olmo2"].base, block_size=4096, vocab_size=100278, padded_vocab_size=100352,
+    rope_base=500000.0, norm_eps=1e-6,
+)  # fmt: skip
+# GPT-OSS: 64 query heads of 64 with sinks, sliding (128) and full layers alternating,
+# YaRN (x32, untruncated ramp), biased router and experts with the clamped SwiGLU.
+GPT_OSS = dict(
+    FAMILIES["gpt_oss"].base, block_size=131072, vocab_size=201088, n_embd=2880, n_head=64,
+    n_query_groups=8, head_size=64, intermediate_size=2880, n_expert_per_token=4,
+    rope_scaling={
+        "type": "yarn", "factor": 32.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
+        "beta_slow": 1.0, "attention_factor": None, "truncate": False,
+    },
+)  # fmt: skip
+# DeepSeek-V3: YaRN x40 whose mscale sharpens the softmax (``mla_attention_scale``).
+DEEPSEEK_V3_YARN = {
+    "type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
+    "beta_slow": 1.0, "attention_factor": None, "mscale": 1.0, "mscale_all_dim": 1.0,
+}  # fmt: skip
+# SmolLM3: a Llama with GQA whose every 4th layer has no positions (NoPE).
+SMOLLM3 = dict(FAMILIES["smollm3"].base, vocab_size=128256, norm_eps=1e-6)
+
+
+def _gemma3(
+    n_layer: int, window: int, query_pre_attn_scalar: int, scaling: float | None = None
+) -> dict[str, Any]:
+    """Gemma 3: five local layers (sliding window, RoPE base 10k) to one global layer
+    (RoPE base 1M, linearly scaled by ``scaling`` for the 128k-token models); sandwich
+    norms, per-head QK-norm, and ``query_pre_attn_scalar`` for the softmax scale."""
+    sliding = every_nth_global(n_layer, 6)
+    values = dict(
+        FAMILIES["gemma3_text"].base, n_layer=n_layer, attention_scale=query_pre_attn_scalar**-0.5
+    )
+    rope = {"type": "linear", "factor": scaling} if scaling else None
+    set_per_layer(values, "sliding_window_size", [window if s else None for s in sliding])
+    set_per_layer(values, "rope_base", [10000.0 if s else 1000000.0 for s in sliding])
+    set_per_layer(values, "rope_scaling", [None if s else rope for s in sliding])
+    return values
+
 
 _gpt2 = _family("openai-community", GPT2)
 _pythia = _family("EleutherAI", NEOX)
@@ -262,6 +315,107 @@ _entries: list[dict[str, Any]] = [
     _smollm2(
         "SmolLM2-1.7B", 1_711_376_384, rope_base=130000.0,
         n_layer=24, n_embd=2048, n_head=32, intermediate_size=8192,
+    ),
+    # --- Qwen3 (Qwen Team 2025): dense and mixture of experts ----------------------------------
+    *(
+        _family("Qwen", dict(QWEN3, tie_embeddings=tied))(
+            name, params, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_query_groups=8,
+            intermediate_size=inter,
+        )
+        for name, params, n_layer, n_embd, n_head, inter, tied in [
+            ("Qwen3-0.6B", 596_049_920, 28, 1024, 16, 3072, True),
+            ("Qwen3-1.7B", 1_720_574_976, 28, 2048, 16, 6144, True),
+            ("Qwen3-4B", 4_022_468_096, 36, 2560, 32, 9728, True),
+            ("Qwen3-8B", 8_190_735_360, 36, 4096, 32, 12288, False),
+            ("Qwen3-14B", 14_768_307_200, 40, 5120, 40, 17408, False),
+            ("Qwen3-32B", 32_762_123_264, 64, 5120, 64, 25600, False),
+        ]
+    ),
+    _family("Qwen", QWEN3_MOE)(
+        "Qwen3-30B-A3B", 30_532_122_624,
+        n_layer=48, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=6144,
+        n_expert=128, n_expert_per_token=8, moe_intermediate_size=768,
+    ),
+    _family("Qwen", QWEN3_MOE)(
+        "Qwen3-235B-A22B", 235_093_634_560,
+        n_layer=94, n_embd=4096, n_head=64, n_query_groups=4, intermediate_size=12288,
+        n_expert=128, n_expert_per_token=8, moe_intermediate_size=1536,
+    ),
+    # --- Gemma 3 (Gemma Team 2025): text decoders; 4B-27B are those of the multimodal models -
+    _gemma(
+        "Gemma-3-270m", 268_098_176, hf_name="gemma-3-270m", block_size=32768,
+        vocab_size=262144, **_gemma3(n_layer=18, window=512, query_pre_attn_scalar=256),
+        n_embd=640, n_head=4, n_query_groups=1, head_size=256, intermediate_size=2048,
+    ),
+    _gemma(
+        "Gemma-3-1b", 999_885_952, hf_name="gemma-3-1b-pt", block_size=32768,
+        vocab_size=262144, **_gemma3(n_layer=26, window=512, query_pre_attn_scalar=256),
+        n_embd=1152, n_head=4, n_query_groups=1, head_size=256, intermediate_size=6912,
+    ),
+    *(
+        _gemma(
+            name, params, hf_name=hf_name, block_size=131072, vocab_size=262144,
+            padded_vocab_size=262208,  # the multimodal models' rows (image tokens)
+            **_gemma3(n_layer=n_layer, window=1024, query_pre_attn_scalar=scalar, scaling=8.0),
+            n_embd=n_embd, n_head=n_head, n_query_groups=n_head // 2, head_size=head_size,
+            intermediate_size=inter,
+        )
+        for name, hf_name, params, n_layer, n_embd, n_head, head_size, inter, scalar in [
+            ("Gemma-3-4b", "gemma-3-4b-pt", 3_880_263_168, 34, 2560, 8, 256, 10240, 256),
+            ("Gemma-3-12b", "gemma-3-12b-pt", 11_766_034_176, 48, 3840, 16, 256, 15360, 256),
+            ("Gemma-3-27b", "gemma-3-27b-pt", 27_009_346_304, 62, 5376, 32, 128, 21504, 168),
+        ]
+    ),
+    # --- OLMo 2 (Team OLMo 2025) ---------------------------------------------------------------
+    *(
+        _family("allenai", OLMO2)(
+            name, params, hf_name=hf_name, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+            n_query_groups=groups, intermediate_size=inter, padded_vocab_size=rows,
+        )
+        for name, hf_name, params, n_layer, n_embd, n_head, groups, inter, rows in [
+            ("OLMo-2-1B", "OLMo-2-0425-1B", 1_484_916_736, 16, 2048, 16, 16, 8192, 100352),
+            ("OLMo-2-7B", "OLMo-2-1124-7B", 7_298_617_344, 32, 4096, 32, 32, 11008, 100352),
+            ("OLMo-2-13B", "OLMo-2-1124-13B", 13_716_198_400, 40, 5120, 40, 40, 13824, 100352),
+            # the 32B model's embedding is not padded (vocab_size 100278 in its config.json)
+            ("OLMo-2-32B", "OLMo-2-0325-32B", 32_233_522_176, 64, 5120, 40, 8, 27648, 100278),
+        ]
+    ),
+    _family("Qwen", dict(FAMILIES["qwen3_next"].base, **QWEN3_SIZES))(
+        "Qwen3-Next-80B-A3B", 79_674_391_296, hf_name="Qwen3-Next-80B-A3B-Instruct",
+        block_size=262144, norm_eps=1e-6, n_layer=48, n_embd=2048, n_head=16, n_query_groups=2,
+        head_size=256, intermediate_size=5632, n_expert=512, n_expert_per_token=10,
+        moe_intermediate_size=512, n_shared_expert=1, shared_expert_gate=True,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        layer_overrides={i: {"attention_class_name": "CausalSelfAttention"} for i in range(3, 48, 4)},
+    ),
+    # --- gpt-oss (OpenAI 2025) -------------------------------------------------------------------
+    *(
+        _family("openai", GPT_OSS)(
+            name, params, n_layer=n_layer, n_expert=n_expert,
+            **sliding_window_fields(128, alternating(n_layer)),
+        )
+        for name, params, n_layer, n_expert in [
+            ("gpt-oss-20b", 20_914_757_184, 24, 32),
+            ("gpt-oss-120b", 116_829_156_672, 36, 128),
+        ]
+    ),
+    # --- DeepSeek-V3 (DeepSeek-AI 2024): MLA, 256 routed experts in 8 groups, 3 dense layers ---
+    _family("deepseek-ai", FAMILIES["deepseek_v3"].base)(
+        "DeepSeek-V3", 671_026_404_352, block_size=163840, vocab_size=129280, norm_eps=1e-6,
+        n_layer=61, n_embd=7168, n_head=128, intermediate_size=18432,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, n_expert=256, n_expert_per_token=8, moe_intermediate_size=2048,
+        n_shared_expert=1, moe_n_group=8, moe_topk_group=4, moe_routed_scaling=2.5,
+        rope_base=10000.0,
+        rope_scaling=DEEPSEEK_V3_YARN, attention_scale=mla_attention_scale(192, DEEPSEEK_V3_YARN),
+        layer_overrides={i: {"mlp_class_name": "GatedMLP"} for i in range(3)},
+    ),
+    # --- SmolLM3 (Hugging Face 2025): NoPE on every 4th layer ------------------------------------
+    _family("HuggingFaceTB", SMOLLM3)(
+        "SmolLM3-3B", 3_075_098_624, block_size=65536, rope_base=5000000.0,
+        n_layer=36, n_embd=2048, n_head=16, n_query_groups=4, intermediate_size=11008,
+        layer_overrides={i: {"positional": "none"} for i in range(3, 36, 4)},
     ),
     # --- TinyLlama (Zhang et al. 2024) -------------------------------------------------------
     _family("TinyLlama", LLAMA)(

@@ -198,20 +198,23 @@ def rope_frequencies(n_elem: int, base: float, scaling: dict | None) -> tuple[to
     return inv_freq, yarn_attention_factor(scaling)
 
 
+def yarn_mscale(factor: float, weight: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context ``factor`` times longer:
+    ``0.1 weight ln(factor) + 1`` (1 when not stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+
 def yarn_attention_factor(scaling: dict) -> float:
     """YaRN's factor on cos and sin: ``attention_factor`` if given, else
-    ``0.1 ln(factor) + 1``, or with DeepSeek's ``mscale``/``mscale_all_dim`` the ratio of
+    ``yarn_mscale(factor)``, or with DeepSeek's ``mscale``/``mscale_all_dim`` the ratio of
     two such terms (1 when they are equal: DeepSeek-V3 scales its softmax instead)."""
     if scaling.get("attention_factor"):
         return float(scaling["attention_factor"])
     factor = float(scaling.get("factor", 1.0))
-
-    def mscale(weight: float) -> float:
-        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
-
     if scaling.get("mscale") and scaling.get("mscale_all_dim"):
-        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
-    return mscale(1.0)
+        mscale, all_dim = float(scaling["mscale"]), float(scaling["mscale_all_dim"])
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim)
+    return yarn_mscale(factor)
 
 
 @registry.positional.register("alibi")

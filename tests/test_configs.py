@@ -164,3 +164,43 @@ def test_named_configs_build_on_their_family_record(name):
     again = config_from_hf(config_json)
     windows = [config.for_layer(i).sliding_window_size for i in range(config.n_layer)]
     assert [again.for_layer(i).sliding_window_size for i in range(config.n_layer)] == windows
+
+
+# The families of 2025: counted exactly, and against transformers' own model of the
+# same config.json (built on the meta device), so the architecture cannot drift.
+NAMES_2025 = [
+    name
+    for name in NAMES
+    if name.startswith(("Qwen3", "Gemma-3", "OLMo-2", "SmolLM3", "gpt-oss", "DeepSeek-V3"))
+]
+
+
+@pytest.mark.parametrize("name", NAMES_2025)
+def test_2025_sizes_equal_published_and_transformers(name, warm_meta):
+    transformers = pytest.importorskip("transformers")
+    config = Config.from_name(name)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in GPT(config).parameters())
+        hf_config = transformers.AutoConfig.for_model(**config_to_hf(config))
+        theirs = sum(
+            p.numel() for p in transformers.AutoModelForCausalLM.from_config(hf_config).parameters()
+        )
+    assert ours == theirs == configs[name]["published_params"]
+
+
+def test_2025_layer_patterns():
+    gemma = Config.from_name("Gemma-3-27b")
+    local, world = gemma.for_layer(0), gemma.for_layer(5)  # five local layers, then a global
+    assert (local.sliding_window_size, local.rope_base, local.rope_scaling) == (1024, 1e4, None)
+    assert (world.sliding_window_size, world.rope_base) == (None, 1e6)
+    assert world.rope_scaling == {"type": "linear", "factor": 8.0}
+    assert gemma.attention_scale == pytest.approx(168**-0.5)
+    smol = Config.from_name("SmolLM3-3B")
+    nope = [i for i in range(smol.n_layer) if smol.for_layer(i).positional == "none"]
+    assert nope == list(range(3, 36, 4))
+    assert config_to_hf(smol)["no_rope_layers"] == [int((i + 1) % 4 != 0) for i in range(36)]
+    qwen = Config.from_name("Qwen3-30B-A3B")
+    assert (qwen.mlp_class_name, qwen.router, qwen.n_expert) == ("MoE", "topk_softmax", 128)
+    assert hf_model_type(qwen) == "qwen3_moe" and config_to_hf(qwen)["norm_topk_prob"]
+    olmo = Config.from_name("OLMo-2-32B")
+    assert not olmo.pre_norm and olmo.norm_qk and not olmo.norm_qk_per_head

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import lab
 from lab import GPT, Config
 from lab.checkpoint import save_pretrained
 from lab.errors import CheckpointError
-from lab.hf import FAMILIES, Layout, config_to_hf, hf_model_type
+from lab.hf import FAMILIES, Layout, config_from_hf, config_to_hf, hf_model_type
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -35,6 +36,10 @@ CASES = {
         # original length 32: wavelengths < 8 kept, 8..32 interpolated, > 32 divided
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                           high_freq_factor=4.0, original_max_position_embeddings=32),
+    )),
+    "llama-yarn-untruncated": ("llama", dict(  # GPT-OSS's YaRN: the ramp's ends not rounded
+        LLAMA_LIKE, rope_parameters=dict(rope_type="yarn", factor=8.0, rope_theta=1e4, truncate=False,
+                                         original_max_position_embeddings=16),
     )),
     "mistral-sliding-window": ("mistral", dict(LLAMA_LIKE, sliding_window=4)),
     "mixtral": ("mixtral", dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
@@ -55,6 +60,54 @@ CASES = {
     )),
     "gpt2-tied-conv1d": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                       vocab_size=VOCAB)),
+    # --- 2025: layer patterns read from the config's own fields ---------------------------
+    "qwen3_moe-dense-layer": ("qwen3_moe", dict(
+        LLAMA_LIKE, num_hidden_layers=3, head_dim=8, moe_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+    )),
+    "qwen3_moe-sparse-step": ("qwen3_moe", dict(
+        LLAMA_LIKE, num_hidden_layers=4, head_dim=8, moe_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2,
+    )),
+    "gemma3_text-local-global": ("gemma3_text", dict(
+        LLAMA_LIKE, num_hidden_layers=4, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e5),
+            "sliding_attention": dict(rope_type="default", rope_theta=100.0),
+        },
+    )),
+    "olmo2-post-norm": ("olmo2", dict(LLAMA_LIKE)),
+    "gpt_oss-sinks-sliding-yarn": ("gpt_oss", dict(
+        LLAMA_LIKE, head_dim=16, num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.5,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, truncate=False,
+                             beta_fast=32.0, beta_slow=1.0, original_max_position_embeddings=16),
+    )),
+    "deepseek_v3-mla-groups": ("deepseek_v3", dict(
+        LLAMA_LIKE, num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1, q_lora_rank=24,
+        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+        rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, mscale=1.0,
+                             mscale_all_dim=1.0, original_max_position_embeddings=16),
+    )),
+    "deepseek_v3-no-q-lora": ("deepseek_v3", dict(
+        LLAMA_LIKE, num_hidden_layers=2, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=2,
+        moe_intermediate_size=24, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+    )),
+    "qwen3_next-hybrid": ("qwen3_next", dict(
+        LLAMA_LIKE, num_hidden_layers=3, head_dim=16, partial_rotary_factor=0.25,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, shared_expert_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[2],
+    )),
+    "smollm3-nope": ("smollm3", dict(LLAMA_LIKE, num_hidden_layers=4, no_rope_layer_interval=2,
+                                     rope_parameters=dict(rope_type="default", rope_theta=1e4))),
 }  # fmt: skip
 
 
@@ -72,6 +125,9 @@ def hf_model(model_type: str, kwargs: dict):
                 param.normal_(1.0, 0.2)
             else:
                 param.normal_(0.0, 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's selection-only bias
+                buffer.normal_(0.0, 0.5)
     return model.eval()
 
 
@@ -188,6 +244,7 @@ def write_hf_config(tmp_path, **changes) -> None:
         (dict(num_attention_heads=0), r"config\.json does not describe a valid config"),
         (dict(attention_bias=True, mlp_bias=False), "attention_bias != mlp_bias"),
         (dict(model_type="bert"), r"model_type 'bert' is not supported"),
+        (dict(quantization_config=dict(quant_method="mxfp4")), "quantized.*'mxfp4'"),
     ],
 )
 def test_bad_hf_config_json_is_a_checkpoint_error(tmp_path, changes, match):
@@ -234,3 +291,83 @@ def test_family_knowledge_lives_in_the_family_table():
         if re.search(r"model_type\s*[!=]=", path.read_text()) and path.name != "families.py"
     ]
     assert offenders == []
+
+
+def reference_logits(model_type: str, kwargs: dict, directory: Path) -> tuple[torch.Tensor, ...]:
+    """Save a tiny random model of the family; return an input and its logits."""
+    reference = hf_model(model_type, kwargs)
+    reference.save_pretrained(directory)
+    idx = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return idx, reference(idx).logits
+
+
+def edit_config_json(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if v is not None})
+    )
+
+
+def test_gemma3_hub_config_form_loads(tmp_path):
+    """The config.json of Gemma 3 on the hub predates layer_types and per-type
+    rope_parameters: sliding_window_pattern, rope_local_base_freq and a rope_scaling that
+    applies to the global layers only."""
+    kwargs = dict(
+        LLAMA_LIKE, num_hidden_layers=4, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e5),
+            "sliding_attention": dict(rope_type="default", rope_theta=100.0),
+        },
+    )  # fmt: skip
+    idx, expected = reference_logits("gemma3_text", kwargs, tmp_path)
+    edit_config_json(
+        tmp_path, layer_types=None, rope_parameters=None, sliding_window_pattern=3,
+        rope_theta=1e5, rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=4.0),
+    )  # fmt: skip
+    model = GPT.from_pretrained(tmp_path).eval()
+    assert [model.config.for_layer(i).rope_base for i in range(4)] == [100.0, 100.0, 1e5, 100.0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), expected, atol=1e-4, rtol=0)
+
+
+def test_stacked_expert_tensors_load(tmp_path):
+    """A file of transformers >= 5's in-memory tensors (experts stacked as gate_up_proj and
+    down_proj) loads like the hub's per-expert one."""
+    kwargs = CASES["qwen3_moe-dense-layer"][1]
+    reference = hf_model("qwen3_moe", kwargs)
+    reference.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, tmp_path / "model.safetensors")
+    idx = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(3))
+    model = GPT.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(idx).logits, atol=1e-4, rtol=0)
+
+
+FIRST_CASE = {model_type: kwargs for model_type, kwargs in reversed(CASES.values())}
+
+
+@pytest.mark.parametrize(
+    "model_type, changes, key",
+    [
+        ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+        ("qwen3_moe", dict(use_sliding_window=True, sliding_window=4), "use_sliding_window"),
+        ("smollm3", dict(use_sliding_window=True, sliding_window=4), "use_sliding_window"),
+        ("olmo2", dict(attention_bias=True), "attention_bias"),
+        ("smollm3", dict(no_rope_layers=[1, 0, 1]), "no_rope_layers"),
+        ("gpt_oss", dict(swiglu_alpha=1.5), "swiglu_alpha"),
+        ("deepseek_v3", dict(norm_topk_prob=False), "norm_topk_prob"),
+        ("deepseek_v3", dict(rope_interleave=False), "rope_interleave"),
+        ("qwen3_next", dict(layer_types=["linear_attention", "sliding_attention", "full_attention"]),
+         "sliding_attention"),
+        ("qwen3_next", dict(shared_expert_intermediate_size=20), "shared_expert_intermediate_size"),
+    ],
+)  # fmt: skip
+def test_2025_features_lab_lacks_are_refused(model_type, changes, key):
+    config_json = transformers.AutoConfig.for_model(model_type, **FIRST_CASE[model_type]).to_dict()
+    with pytest.raises(CheckpointError, match=key):
+        config_from_hf({**config_json, **changes})

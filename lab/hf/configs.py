@@ -13,7 +13,7 @@ from typing import Any
 
 from lab.config import Config
 from lab.errors import CheckpointError, ConfigError
-from lab.hf.families import FAMILIES, Family, sliding_window_fields
+from lab.hf.families import FAMILIES, Family, set_per_layer
 
 # Hugging Face activation names -> lab's (``gelu_new`` is the tanh approximation).
 HF_ACTIVATIONS = {
@@ -62,16 +62,27 @@ def config_from_hf(config_json: dict[str, Any], config_class: type[Config] = Con
             raise CheckpointError(
                 f"this {model_type} config.json has no {' or '.join(keys)}; restore the file"
             )
+    if config_json.get("quantization_config"):  # GPT-OSS's MXFP4, DeepSeek-V3's FP8 files
+        raise CheckpointError(
+            f"this {model_type} checkpoint is quantized (quantization_config="
+            f"{config_json['quantization_config'].get('quant_method', '?')!r}); lab loads "
+            "unquantized weights: dequantize it first (e.g. a bf16 copy of the checkpoint)"
+        )
     for key, required in family.requires.items():
         value = config_json.get(key, required)
         _unsupported(value != required, model_type, key, value)
-    activation = values["activation"] = HF_ACTIVATIONS.get(values.get("activation", "silu"))
-    _unsupported(
-        activation is None, model_type, "activation", _first(config_json, family.keys["activation"])
-    )
-    if family.rope != "none":
+    hf_activation = _first(config_json, family.keys["activation"])
+    if hf_activation is not None:  # else the family's default (a lab name) stands
+        values["activation"] = HF_ACTIVATIONS.get(hf_activation)
+        _unsupported(values["activation"] is None, model_type, "activation", hf_activation)
+    n_layer = values["n_layer"]
+    if family.rope == "layer_types":
+        by_type = _rope_per_layer_type(config_json, family, model_type, n_layer)
+        for name, per_layer in by_type.items():
+            set_per_layer(values, name, per_layer)
+    elif family.rope != "none":
         values.update(_rope_from_hf(config_json, family, model_type))
-    values.update(_windows_from_hf(config_json, family, values["n_layer"]))
+    set_per_layer(values, "sliding_window_size", _windows_from_hf(config_json, family, n_layer))
     if family.biases:
         attention = config_json.get("attention_bias", False)
         mlp = config_json.get("mlp_bias", False)
@@ -128,9 +139,11 @@ def _to_hf(config: Config, model_type: str) -> dict[str, Any]:
     }  # fmt: skip
     for name, keys in family.keys.items():
         config_json.update(dict.fromkeys(keys, values[name]))
-    if family.rope != "none":
-        config_json.update(_rope_to_hf(config, family))
     windows = [config.for_layer(i).sliding_window_size for i in range(config.n_layer)]
+    if family.rope == "layer_types":
+        config_json["rope_parameters"] = _rope_parameters_per_layer_type(config, windows)
+    elif family.rope != "none":
+        config_json.update(_rope_to_hf(config, family))
     window = next((w for w in windows if w is not None), None)
     if family.windows:
         sliding = ["sliding_attention" if w is not None else "full_attention" for w in windows]
@@ -183,11 +196,13 @@ def _rope_from_hf(hf: dict[str, Any], family: Family, model_type: str) -> dict[s
                 "high_freq_factor": float(params["high_freq_factor"]),
                 "original_max_seq_len": int(original),
             }  # fmt: skip
-        elif kind == "yarn" and not params.get("mscale") and params.get("truncate", True):
+        elif kind == "yarn":
             out["rope_scaling"] = {
                 "type": "yarn", "factor": float(params["factor"]), "original_max_seq_len": int(original),
                 "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
                 "attention_factor": params.get("attention_factor"),
+                # GPT-OSS keeps the ramp's fractional ends; DeepSeek-V3 sets mscale(_all_dim)
+                **{k: params[k] for k in _YARN_OPTIONS if params.get(k) is not None and params.get(k) is not True},
             }  # fmt: skip
         else:
             _unsupported(True, model_type, "rope type", kind)
@@ -225,6 +240,7 @@ def _rope_to_hf(config: Config, family: Family) -> dict[str, Any]:
         hf_scaling.update(
             original_max_position_embeddings=original, attention_factor=scaling.get("attention_factor"),
             beta_fast=float(scaling.get("beta_fast", 32)), beta_slow=float(scaling.get("beta_slow", 1)),
+            **{k: scaling[k] for k in _YARN_OPTIONS if scaling.get(k) is not None and scaling.get(k) is not True},
         )  # fmt: skip
     elif kind != "linear":
         raise CheckpointError(f"rope_scaling type {kind!r} has no Hugging Face equivalent")
@@ -232,26 +248,69 @@ def _rope_to_hf(config: Config, family: Family) -> dict[str, Any]:
     return out
 
 
-def _windows_from_hf(hf: dict[str, Any], family: Family, n_layer: int) -> dict[str, Any]:
-    """``sliding_window_size`` and per-layer overrides from ``sliding_window`` and
-    ``layer_types`` (or the family's rule when ``layer_types`` is absent)."""
+def _rope_per_layer_type(
+    hf: dict[str, Any], family: Family, model_type: str, n_layer: int
+) -> dict[str, list]:
+    """Gemma 3: RoPE fields per layer from ``rope_parameters`` keyed by layer type
+    (transformers 5), or from the older keys: ``rope_theta`` and ``rope_scaling`` for
+    global layers, ``rope_local_base_freq`` (unscaled) for local ones."""
+    params = hf.get("rope_parameters")
+    if not (
+        isinstance(params, dict) and params and all(isinstance(p, dict) for p in params.values())
+    ):
+        params = {
+            "full_attention": dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 1e6)),
+            "sliding_attention": {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 1e4)},
+        }  # fmt: skip
+    full = dataclasses.replace(family, rope="full")
+    keep = {k: hf[k] for k in ("max_position_embeddings",) if k in hf}
+    per_type = {t: _rope_from_hf({**keep, "rope_parameters": p}, full, model_type) for t, p in params.items()}  # fmt: skip
+    types = _layer_types(hf, family, n_layer)
+    missing = sorted(set(types) - set(per_type))
+    _unsupported(missing, model_type, "rope_parameters without layer types", missing)
+    return {name: [per_type[t][name] for t in types] for name in ("rope_base", "rope_scaling")}
+
+
+def _rope_parameters_per_layer_type(config: Config, windows: list[int | None]) -> dict[str, Any]:
+    out = {}
+    for i, window in enumerate(windows):
+        kind = "full_attention" if window is None else "sliding_attention"
+        if kind not in out:
+            rope = _rope_to_hf(config.for_layer(i), FAMILIES["llama"])
+            out[kind] = dict(
+                rope.get("rope_scaling") or {"rope_type": "default"}, rope_theta=rope["rope_theta"]
+            )
+    return out
+
+
+def _layer_types(hf: dict[str, Any], family: Family, n_layer: int) -> list[str]:
+    """``layer_types`` of a config.json, or the family's rule where it has none."""
+    if hf.get("layer_types") is not None:
+        return list(hf["layer_types"])
+    sliding = family.sliding_layers(hf, n_layer) if family.sliding_layers else [True] * n_layer
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def _windows_from_hf(hf: dict[str, Any], family: Family, n_layer: int) -> list[int | None]:
+    """Each layer's ``sliding_window_size`` from ``sliding_window`` and ``layer_types``
+    (or the family's rule when ``layer_types`` is absent)."""
     window = hf.get("sliding_window") if family.windows else None
     if family.windows == "qwen" and not hf.get("use_sliding_window", False):
         window = None
     if window is None:
-        return {"sliding_window_size": None}
-    types = hf.get("layer_types")
+        return [None] * n_layer
     if family.windows == "all":  # Mistral, Mixtral, Phi-3 ignore layer_types
         sliding = [True] * n_layer
-    elif types is not None:
-        sliding = [kind == "sliding_attention" for kind in types]
-    elif family.windows == "qwen":  # layers from max_window_layers on slide
-        sliding = [i >= hf.get("max_window_layers", 0) for i in range(n_layer)]
+    elif family.windows == "qwen" and hf.get("layer_types") is None:
+        sliding = [i >= hf.get("max_window_layers", 0) for i in range(n_layer)]  # these slide
     else:
-        sliding = family.sliding_layers(n_layer) if family.sliding_layers else [True] * n_layer
-    return sliding_window_fields(window, sliding)
+        sliding = [kind == "sliding_attention" for kind in _layer_types(hf, family, n_layer)]
+    return [int(window) if s else None for s in sliding]
 
 
+# YaRN's optional keys, the same in lab's rope_scaling and Hugging Face's (truncate=True,
+# the default, is left out).
+_YARN_OPTIONS = ("truncate", "mscale", "mscale_all_dim")
 # Fields a config.json must state (every other one has a default).
 _REQUIRED = ("n_layer", "n_embd", "n_head")
 # Fields that do not change what a model computes from its weights.
