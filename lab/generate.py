@@ -40,6 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lab.model import GPT, Block, CausalSelfAttention
 from lab.moe import moe_layers
+from lab.params import model_device, weights_version
 from lab.tokenizer import IncrementalDecoder, Tokenizer
 
 FINISHED = -1  # the id ``decode_steps`` reports for a row that has stopped
@@ -145,11 +146,6 @@ def _takes_mask(model: nn.Module) -> bool:
     return "mask" in inspect.signature(model.forward).parameters
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return torch.device("cpu") if param is None else param.device
-
-
 # --- decoding ids ---------------------------------------------------------------------------
 
 
@@ -190,7 +186,7 @@ def decode_steps(
         )
     if compile:
         _check_compilable(model, use_cache)
-    ids, real = _left_pad(prompts, _device(model))
+    ids, real = _left_pad(prompts, model_device(model))
     padded = not bool(real.all())
     if padded and not supports_padding(model):
         raise ValueError(
@@ -323,15 +319,10 @@ def compiled_step() -> Callable[..., torch.Tensor]:
 
 
 def _weights_key(model: nn.Module) -> int:
-    """A number that changes when any weight may have: a model's first call gives it a
-    serial number, an in-place update bumps a tensor's version, a replaced tensor
-    has a new address. (Tensors made under ``torch.inference_mode`` keep no version,
-    but nothing can train them either.)"""
+    """A number that changes when any weight may have (``weights_version``), and that
+    differs between models (a model's first call gives it a serial number)."""
     serial = model.__dict__.setdefault("_lab_serial", next(_SERIALS))
-    state = tuple(
-        (p.data_ptr(), -1 if p.is_inference() else p._version) for p in model.parameters()
-    )
-    return hash((serial, state)) & (2**62 - 1)
+    return hash((serial, weights_version(model))) & (2**62 - 1)
 
 
 _SERIALS = itertools.count()
@@ -491,7 +482,7 @@ def generate(
     >>> generate(model, tokenizer.encode("def "), 20, temperature=0)  # doctest: +SKIP
     """
     prompts = [prompt] if isinstance(prompt, torch.Tensor) else list(prompt)
-    generator = make_generator(seed, _device(model))
+    generator = make_generator(seed, model_device(model))
     new: list[list[int]] = [[] for _ in prompts]
     for group in _groups(model, prompts):
         steps = decode_steps(
@@ -576,7 +567,7 @@ def generate_text(
     ``decode_kwargs`` go to ``decode_steps`` (temperature, top_k, top_p, stop_tokens...)."""
     encoded = encode_prompts(tokenizer, prompts)
     rows = [TextRow(tokenizer, stop) for _ in prompts]
-    generator = make_generator(seed, _device(model))
+    generator = make_generator(seed, model_device(model))
     texts = [""] * len(prompts)
     for group in _groups(model, encoded):
         steps = decode_steps(
@@ -612,7 +603,7 @@ def stream_text(
     (ids,) = encode_prompts(tokenizer, [prompt])
     row = TextRow(tokenizer, stop)
     steps = decode_steps(
-        model, [ids], max_new_tokens, generator=make_generator(seed, _device(model)),
+        model, [ids], max_new_tokens, generator=make_generator(seed, model_device(model)),
         vocab_size=tokenizer.vocab_size, **decode_kwargs,
     )  # fmt: skip
     with closing(steps):

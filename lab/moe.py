@@ -93,6 +93,7 @@ from torch import nn
 from lab import registry
 from lab.config import Config
 from lab.model import GatedMLP
+from lab.params import model_device
 
 
 @dataclass
@@ -480,8 +481,7 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
     losses = [layer.aux_loss for _, layer in moe_layers(model) if layer.aux_loss is not None]
     if losses:
         return torch.stack(losses).sum()
-    param = next(model.parameters(), None)
-    return torch.zeros((), device=None if param is None else param.device)
+    return torch.zeros((), device=model_device(model))
 
 
 @contextmanager

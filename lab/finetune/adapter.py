@@ -48,6 +48,7 @@ from lab.finetune.core import (
     require_int,
     save_adapter,
 )
+from lab.params import weights_version
 
 __all__ = [
     "GPT",
@@ -146,7 +147,7 @@ class CausalSelfAttention(base.CausalSelfAttention):
         every forward pass, so each backward pass has its own graph."""
         if torch.is_grad_enabled():
             return self._project_prefix()
-        key = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
+        key = weights_version(self)
         if self._prefix_cache is None or self._prefix_cache[0] != key:
             self._prefix_cache = (key, *self._project_prefix())
         return self._prefix_cache[1], self._prefix_cache[2]
