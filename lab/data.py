@@ -1,8 +1,8 @@
 """Data for small experiments: a real-text corpus, token streams and synthetic tasks.
 
-Real text without downloads: ``default_corpus()`` reads the Python standard
-library's own source files from the running interpreter, in sorted order, so every
-machine with the same Python version gets the same corpus.  ``TokenDataset`` turns
+Text without downloads: ``default_corpus()`` is Python-like source generated here
+from a hand-written grammar and a fixed seed, the same bytes on every machine and
+Python release; ``text_files`` reads your own files.  ``TokenDataset`` turns
 text into a 1-D token array (in memory, or a ``.bin`` memmap for large inputs) and
 samples ``(x, y)`` next-token batches from it, nanoGPT style.
 
@@ -16,12 +16,12 @@ and ``IGNORE_INDEX`` (-100) elsewhere, ready for ``F.cross_entropy(..., ignore_i
 from __future__ import annotations
 
 import os
-import sysconfig
+import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,18 +32,7 @@ IGNORE_INDEX = -100
 DEFAULT_CORPUS_BYTES = 2_000_000  # byte-level BPE with vocab 4096 trains on it in ~5 s
 
 # ---------------------------------------------------------------------------
-# Real text
-
-
-def stdlib_files() -> list[Path]:
-    """The standard library's ``.py`` files, sorted by their path inside it."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for folder, subfolders, names in os.walk(root):
-        # Installed packages differ between machines: skip them (and their walk time).
-        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]
-        files += [Path(folder, n) for n in names if n.endswith(".py")]
-    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+# Text files
 
 
 def text_files(
@@ -70,9 +59,199 @@ def text_files(
             return
 
 
+# ---------------------------------------------------------------------------
+# Real-looking text: a generated corpus of Python-like source
+#
+# Vocabulary and grammar are written here; the only randomness is
+# ``random.Random(seed).random()``, whose sequence Python keeps the same across
+# releases and machines (``choice``, ``randint`` and ``shuffle`` have changed), so
+# ``default_corpus`` is the same bytes everywhere (tests/test_data.py pins its hash).
+
+NOUNS = (
+    "item", "record", "buffer", "node", "path", "config", "value", "count", "name",
+    "key", "index", "size", "data", "result", "total", "line", "token", "message",
+    "event", "queue", "cache", "score", "table", "row", "column", "request", "response",
+    "session", "order", "price", "window", "layer", "user", "group", "field", "offset",
+    "limit", "state", "entry", "target", "source", "block", "label", "weight", "batch",
+)  # fmt: skip
+VERBS = (
+    "get", "set", "load", "save", "parse", "build", "update", "read", "write", "compute",
+    "find", "check", "make", "add", "remove", "process", "send", "handle", "render",
+    "merge", "split", "format", "validate", "reset", "close", "open", "collect", "apply",
+)  # fmt: skip
+ADJECTIVES = ("new", "old", "last", "first", "next", "max", "min", "raw", "full", "local")
+MODULES = (
+    "os", "sys", "math", "json", "re", "time", "random", "itertools", "functools",
+    "logging", "string", "textwrap", "heapq", "bisect", "statistics", "datetime",
+)  # fmt: skip
+FROM_IMPORTS = (
+    ("collections", ("defaultdict", "deque", "Counter", "OrderedDict")),
+    ("pathlib", ("Path",)),
+    ("typing", ("Any", "Iterator", "Optional", "Sequence")),
+    ("dataclasses", ("dataclass", "field")),
+)
+WORDS = (
+    "the", "a", "of", "to", "and", "is", "in", "for", "each", "this", "that", "it",
+    "returns", "when", "if", "not", "with", "from", "every", "one", "given", "new",
+    "list", "value", "string", "number", "file", "object", "none", "empty", "first",
+)  # fmt: skip
+EXCEPTIONS = ("ValueError", "KeyError", "TypeError", "OSError", "IndexError", "RuntimeError")
+OPERATORS = (" + ", " - ", " * ", " // ", " % ")
+COMPARISONS = (" < ", " > ", " == ", " != ", " <= ", " >= ")
+
+
+class _PythonWriter:
+    """Writes plausible Python modules, one statement at a time."""
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed).random
+        self.constant = "LIMIT"  # the current module's constant
+
+    def pick(self, options: Sequence[Any]) -> Any:
+        return options[int(self.random() * len(options))]
+
+    def chance(self, p: float) -> bool:
+        return self.random() < p
+
+    def count(self, low: int, high: int) -> int:
+        return low + int(self.random() * (high - low + 1))
+
+    def name(self) -> str:
+        if self.chance(0.3):
+            return f"{self.pick(ADJECTIVES)}_{self.pick(NOUNS)}"
+        return self.pick(NOUNS)
+
+    def sentence(self) -> str:
+        words = [self.pick(WORDS) for _ in range(self.count(4, 11))]
+        words[self.count(0, len(words) - 1)] = self.pick(NOUNS)
+        return " ".join(words).capitalize() + "."
+
+    def expression(self, names: list[str], depth: int = 0) -> str:
+        roll = self.random()
+        if roll < 0.25 or depth > 1:
+            return self.pick([n for n in names if n != "self"] or names)
+        if roll < 0.4:
+            return str(self.count(0, 100))
+        if roll < 0.5:
+            return f'"{self.pick(NOUNS)}"'
+        if roll < 0.7:
+            left, right = self.expression(names, depth + 1), self.expression(names, depth + 1)
+            return left + self.pick(OPERATORS) + right
+        if roll < 0.8 and "self" in names:
+            return f"self.{self.pick(NOUNS)}"
+        if roll < 0.9:
+            return f"len({self.pick(names)})"
+        args = ", ".join(self.pick(names) for _ in range(self.count(0, 2)))
+        return f"{self.pick(VERBS)}_{self.pick(NOUNS)}({args})"
+
+    def condition(self, names: list[str]) -> str:
+        if self.chance(0.3):
+            return f"{self.pick(names)} is None"
+        if self.chance(0.2):
+            return f"{self.pick(names)} in {self.pick(names)}"
+        return self.expression(names, 1) + self.pick(COMPARISONS) + self.expression(names, 1)
+
+    def body(self, names: list[str], indent: str, depth: int) -> list[str]:
+        lines = []
+        for _ in range(self.count(1, 4 if depth else 6)):
+            roll = self.random()
+            if roll < 0.4:
+                if roll < 0.1:
+                    lines.append(f"{indent}# {self.sentence()}")
+                target = self.name()
+                lines.append(f"{indent}{target} = {self.expression(names)}")
+                names = [*names, target]
+            elif roll < 0.55 and depth < 2:
+                lines.append(f"{indent}if {self.condition(names)}:")
+                lines += self.body(names, indent + "    ", depth + 1)
+                if self.chance(0.4):
+                    lines.append(f"{indent}else:")
+                    lines += self.body(names, indent + "    ", depth + 1)
+            elif roll < 0.7 and depth < 2:
+                item = self.pick(NOUNS)
+                lines.append(f"{indent}for {item} in {self.pick(names)}:")
+                lines += self.body([*names, item], indent + "    ", depth + 1)
+            elif roll < 0.77 and depth < 2:
+                lines.append(f"{indent}try:")
+                lines += self.body(names, indent + "    ", depth + 1)
+                lines.append(f"{indent}except {self.pick(EXCEPTIONS)}:")
+                lines.append(f"{indent}    {self.pick(('pass', 'continue', 'raise'))}")
+            elif roll < 0.85:
+                item, source = self.pick(NOUNS), self.pick(names)
+                lines.append(f"{indent}{self.name()} = [{item} for {item} in {source} if {item}]")
+            elif roll < 0.92:
+                lines.append(f'{indent}print(f"{self.pick(WORDS)} {{{self.pick(names)}}}")')
+            elif "self" in names:
+                lines.append(f"{indent}self.{self.pick(NOUNS)} = {self.expression(names)}")
+            else:
+                lines.append(f"{indent}{self.pick(VERBS)}_{self.pick(NOUNS)}({self.pick(names)})")
+        if depth == 0 or self.chance(0.3):
+            lines.append(f"{indent}return {self.expression(names)}")
+        return lines
+
+    def function(self, indent: str, method: bool) -> list[str]:
+        params = list(dict.fromkeys(self.pick(NOUNS) for _ in range(self.count(0, 3))))
+        signature = ", ".join(["self", *params] if method else params)
+        lines = [f"{indent}def {self.pick(VERBS)}_{self.name()}({signature}):"]
+        if self.chance(0.6):
+            lines.append(f'{indent}    """{self.sentence()}"""')
+        names = [*params, "self"] if method else params or [self.constant]
+        lines += self.body(names, indent + "    ", 0)
+        return lines
+
+    def klass(self) -> list[str]:
+        name = "".join(self.pick(NOUNS).capitalize() for _ in range(self.count(1, 2)))
+        lines = [f"class {name}:", f'    """{self.sentence()}"""', ""]
+        attrs = list(dict.fromkeys(self.pick(NOUNS) for _ in range(self.count(1, 3))))
+        lines.append(f"    def __init__(self, {', '.join(attrs)}):")
+        lines += [f"        self.{a} = {a}" for a in attrs]
+        for _ in range(self.count(1, 4)):
+            lines += ["", *self.function("    ", method=True)]
+        return lines
+
+    def module(self) -> str:
+        lines = [f'"""{self.sentence()}', "", self.sentence(), '"""', ""]
+        for _ in range(self.count(1, 4)):
+            lines.append(f"import {self.pick(MODULES)}")
+        if self.chance(0.7):
+            package, names = self.pick(FROM_IMPORTS)
+            lines.append(f"from {package} import {self.pick(names)}")
+        self.constant = f"{self.pick(ADJECTIVES).upper()}_{self.pick(NOUNS).upper()}"
+        lines += ["", f"{self.constant} = {self.count(1, 512)}"]
+        for _ in range(self.count(2, 5)):
+            lines += ["", "", *(self.klass() if self.chance(0.4) else self.function("", False))]
+        if self.chance(0.3):
+            lines += [
+                "",
+                "",
+                'if __name__ == "__main__":',
+                f"    {self.pick(VERBS)}_{self.pick(NOUNS)}()",
+            ]
+        return "\n".join(lines) + "\n\n"
+
+
+def python_like_modules(seed: int = 0) -> Iterator[str]:
+    """An endless, deterministic stream of generated Python-like modules."""
+    writer = _PythonWriter(seed)
+    while True:
+        yield writer.module()
+
+
 def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
-    """The first ``max_bytes`` of the standard library's source, as one string."""
-    return "".join(text_files(stdlib_files(), max_bytes))
+    """The first ``max_bytes`` of generated Python-like source (ASCII, one string).
+
+    The same bytes on every machine and Python release: classes, functions, ``self``,
+    ``return``, imports and comments, enough structure for BPE to learn and a small
+    model to imitate, without reading or downloading anything.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes={max_bytes}; use a positive number")
+    parts, size = [], 0
+    for module in python_like_modules():
+        parts.append(module[: max_bytes - size])
+        size += len(parts[-1])
+        if size == max_bytes:
+            return "".join(parts)
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -80,20 +81,23 @@ def attention_grid(
     title: str | None = None,
     ncols: int | None = None,
 ) -> Figure:
-    """Every head's pattern (n_head, T, S) side by side, titled ``head h``."""
+    """Every head's pattern (n_head, T, S) side by side, titled ``head h``, with token
+    labels and one colorbar; panels grow with the text so labels stay readable."""
     patterns = as_array(patterns, 3, "patterns")
     n_head, T, S = patterns.shape
-    ncols = ncols or min(n_head, 4)
+    ncols = ncols or min(n_head, 4 if S <= 16 else 2)
     nrows = -(-n_head // ncols)
-    figure = Figure(figsize=(2.5 * ncols, 2.5 * nrows + 0.4), layout="constrained")
+    panel = max(2.5, 0.09 * S)  # inches: about 6 pt a token label
+    figure = Figure(figsize=(panel * ncols + 0.8, panel * nrows + 0.4), layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     for h, ax in enumerate(axes):
         if h >= n_head:
             ax.remove()
             continue
-        ax.imshow(patterns[h], vmin=0.0, vmax=1.0, cmap="viridis")
-        _label_tokens(ax, tokens if T <= 16 else None, T, S)
+        image = ax.imshow(patterns[h], vmin=0.0, vmax=1.0, cmap="viridis")
+        _label_tokens(ax, tokens, T, S)
         ax.set_title(f"head {h}")
+    figure.colorbar(image, ax=axes[:n_head].tolist(), shrink=0.8, label="attention")
     if title:
         figure.suptitle(title)
     return figure
@@ -113,9 +117,11 @@ def attention_arcs(
     pattern = as_array(pattern, 2, "pattern")
     T, S = pattern.shape
     _check_tokens(tokens, S)
-    ax = new_axes(ax, (max(4.0, 0.6 * S), 2.5))
+    width = min(8.0, max(4.0, 0.17 * S))  # inches: fits beside a heatmap
+    ax = new_axes(ax, (width, 0.45 * width))
+    fontsize = min(9.0, 72 * width / S * 0.85)  # each token gets its share of the width
     for j, token in enumerate(tokens):
-        ax.text(j, 0, _show(token), ha="center", va="top", fontsize=9, family="monospace")
+        ax.text(j, 0, _show(token), ha="center", va="top", fontsize=fontsize, family="monospace")
     offset = S - T  # query i sits at position offset + i
     for i in range(T):
         for j in range(offset + i):
@@ -186,7 +192,8 @@ def expert_load_over_time(
     ax: Axes | None = None,
 ) -> Figure:
     """Each expert's share of the load (history (n_steps, n_expert), counts or
-    fractions) over training steps, one line per expert, with the balanced share."""
+    fractions) over training steps, stacked: a band per expert, its height the share
+    (eight noisy overlapping lines read worse). Dotted lines mark the balanced bands."""
     history = as_array(history, 2, "history")
     n_steps, E = history.shape
     share = history / np.maximum(history.sum(axis=1, keepdims=True), 1e-12)
@@ -194,13 +201,15 @@ def expert_load_over_time(
     if len(steps) != n_steps:
         raise ValueError(f"steps has {len(steps)} entries but history has {n_steps} rows")
     ax = new_axes(ax, (5.0, 2.8))
-    for e in range(E):
-        ax.plot(steps, share[:, e], label=f"expert {e}")
-    ax.axhline(1 / E, color="black", linestyle="--", linewidth=1, label="balanced")
+    colors = [matplotlib.colormaps["tab10"](e % 10) for e in range(E)]
+    ax.stackplot(steps, share.T, labels=[f"expert {e}" for e in range(E)], colors=colors)
+    for e in range(1, E):
+        ax.axhline(e / E, color="white", linestyle=":", linewidth=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("share of tokens")
-    ax.set_ylim(0, max(1.0 / E * 2, float(share.max()) * 1.05))
-    ax.legend(loc="upper right", fontsize=7, ncols=2)
+    ax.set_ylabel("share of tokens (stacked)")
+    ax.set_ylim(0, 1)
+    ax.margins(x=0)
+    ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=7)
     if title:
         ax.set_title(title)
     return ax.figure
@@ -211,8 +220,9 @@ def _label_tokens(ax: Axes, tokens: Sequence[str] | None, T: int, S: int) -> Non
         return
     _check_tokens(tokens, S)
     labels = [_show(t) for t in tokens]
-    ax.set_xticks(range(S), labels, rotation=90)
-    ax.set_yticks(range(T), labels[S - T :])
+    fontsize = min(10.0, max(4.0, 240 / S))  # long texts: smaller labels, all of them shown
+    ax.set_xticks(range(S), labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(T), labels[S - T :], fontsize=fontsize)
 
 
 def _check_tokens(tokens: Sequence[str], n: int) -> None:

@@ -52,9 +52,23 @@ def test_grid_has_one_titled_panel_per_head():
     patterns = np.stack([causal_pattern(4)] * 6)
     patterns[5] = np.eye(4)
     figure = plots.attention_grid(patterns, TOKENS, title="layer 1")
-    assert [ax.get_title() for ax in figure.axes] == [f"head {h}" for h in range(6)]
-    np.testing.assert_allclose(figure.axes[5].images[0].get_array(), np.eye(4))
+    *panels, colorbar = figure.axes
+    assert [ax.get_title() for ax in panels] == [f"head {h}" for h in range(6)]
+    np.testing.assert_allclose(panels[5].images[0].get_array(), np.eye(4))
     assert figure.get_suptitle() == "layer 1"
+    assert colorbar.get_ylabel() == "attention"
+
+
+def test_long_texts_keep_every_token_label_and_arcs_fit_beside_a_heatmap():
+    tokens = [f"t{i}" for i in range(47)]
+    grid = plots.attention_grid(np.stack([causal_pattern(47)] * 4), tokens)
+    labels = [t.get_text() for t in grid.axes[0].get_xticklabels()]
+    assert labels == tokens
+    arcs = plots.attention_arcs(causal_pattern(47), tokens)
+    width, _ = arcs.get_size_inches()
+    assert width <= 8.0  # was 0.6 in a token: 28 in (2256 px) for this text
+    grid.canvas.draw()
+    arcs.canvas.draw()
 
 
 def test_arcs_join_queries_to_the_keys_they_attend_above_threshold():
@@ -79,10 +93,14 @@ def test_routing_heatmap_and_load_charts():
     assert [b.get_height() for b in bars.patches] == [2, 2, 3]
     assert bars.lines[0].get_ydata()[0] == pytest.approx(7 / 3)  # the balanced level
     history = np.array([[4, 0, 0], [2, 1, 1], [1, 1, 2]])
-    lines = plots.expert_load_over_time(history, steps=[0, 10, 20]).axes[0]
-    assert [line.get_label() for line in lines.lines[:3]] == ["expert 0", "expert 1", "expert 2"]
-    np.testing.assert_allclose(lines.lines[0].get_ydata(), [1.0, 0.5, 0.25])
-    np.testing.assert_allclose(lines.lines[0].get_xdata(), [0, 10, 20])
+    stacked = plots.expert_load_over_time(history, steps=[0, 10, 20]).axes[0]
+    bands = stacked.collections
+    assert [band.get_label() for band in bands] == ["expert 0", "expert 1", "expert 2"]
+    first = bands[0].get_paths()[0].vertices  # expert 0's band: from 0 up to its share
+    np.testing.assert_allclose(sorted(set(first[:, 0])), [0, 10, 20])
+    assert first[:, 1].max() == pytest.approx(1.0) and first[:, 1].min() == 0
+    top = bands[2].get_paths()[0].vertices[:, 1]
+    assert top.max() == pytest.approx(1.0) and top.min() == pytest.approx(0.5)  # 1 - share 0.5
 
 
 def test_bad_input_names_the_fix():

@@ -1,5 +1,7 @@
 """lab.widgets driven as a user would: set values, click, check what comes out."""
 
+import base64
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -99,7 +101,7 @@ def test_attention_view_shows_the_probed_pattern_and_follows_the_controls():
         view.figures["heatmap"].axes[0].images[0].get_array(), cache["blocks.1.attn.pattern"][0, 3]
     )
     view.head.value = "all"
-    assert len(view.figures["heatmap"].axes) == 4
+    assert len(view.figures["heatmap"].axes) == 4 + 1  # and a colorbar
     view.text.value = "hello"
     assert (
         view.pattern.shape == (4, 5, 5)
@@ -133,8 +135,10 @@ def test_routing_view_shows_assignments_and_load_over_time():
     np.testing.assert_allclose(shown, record.combine_weights[0])
     view.callback(every=2)(type("State", (), {"step": 4})())
     assert view.steps == [0, 4]
-    lines = view.figures["history"].axes[0].lines
-    assert list(lines[0].get_xdata()) == [0, 4]
+    bands = view.figures["history"].axes[0].collections  # one stacked band per expert
+    assert len(bands) == 4
+    top = bands[-1].get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx(1.0)  # the shares stack up to all tokens
     bars = [b.get_height() for b in view.figures["load"].axes[0].patches]
     assert bars == record.load.tolist()
 
@@ -142,3 +146,18 @@ def test_routing_view_shows_assignments_and_load_over_time():
 def test_routing_view_needs_an_moe_model():
     with pytest.raises(ValueError, match="no MoE layer"):
         RoutingView(lab.GPT(small()))
+
+
+def test_views_say_which_model_and_carry_a_picture_for_front_ends_without_widgets():
+    torch.manual_seed(0)
+    view = AttentionView(lab.GPT(small()), text="abcabc", title="RoPE")
+    assert repr(view) == "AttentionView('RoPE', blocks.0, head=0, tokens=6)"
+    assert view.figures["heatmap"].axes[0].get_title().startswith("RoPE: blocks.0")
+    bundle = view._repr_mimebundle_()
+    assert bundle["text/plain"] == repr(view)
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]) == view.heatmap.value  # the current figure
+    config = small(mlp_class_name="MoE", n_expert=4, n_expert_per_token=2)
+    routing = RoutingView(lab.GPT(config), text="abc", title="MoE")
+    assert routing.figures["routing"].axes[0].get_title() == "MoE: blocks.0 routing"
+    assert base64.b64decode(routing._repr_mimebundle_()["image/png"])[:4] == b"\x89PNG"

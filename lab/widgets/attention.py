@@ -37,8 +37,10 @@ class AttentionView(View):
         layer: int = 0,
         head: int | str = 0,
         threshold: float = 0.1,
+        title: str | None = None,
     ) -> None:
         self.model, self.tokenizer, self.threshold = model, tokenizer, threshold
+        self.title = title  # which model this is, at the head of every figure
         self.paths = [
             n.removesuffix(".pattern") for n in hook_points(model) if n.endswith(".pattern")
         ]
@@ -55,8 +57,9 @@ class AttentionView(View):
         )
         self.head = widgets.Dropdown(description="head")
         self.refresh_button = widgets.Button(description="refresh", icon="refresh")
-        self.heatmap = widgets.Image(format="png")
-        self.arcs = widgets.Image(format="png")
+        half = {"width": "50%", "height": "auto"}  # the two figures side by side, scaled
+        self.heatmap = widgets.Image(format="png", layout=half)
+        self.arcs = widgets.Image(format="png", layout=half)
         self.error = widgets.HTML()
         self.widget = widgets.VBox(
             [self.text, widgets.HBox([self.layer, self.head, self.refresh_button]),
@@ -103,7 +106,7 @@ class AttentionView(View):
         """Redraw the figures from the recorded pattern (no forward pass)."""
         if self.pattern is None or self.head.value is None:
             return
-        label = self.layer.label
+        label = self.layer.label if self.title is None else f"{self.title}: {self.layer.label}"
         if self.head.value == ALL:
             heatmap = plots.attention_grid(self.pattern, self.tokens, title=label)
             pattern, title = self.pattern.mean(0), f"{label}, mean of heads"
@@ -113,6 +116,9 @@ class AttentionView(View):
         arcs = plots.attention_arcs(pattern, self.tokens, threshold=self.threshold, title=title)
         self.figures = {"heatmap": heatmap, "arcs": arcs}
         self.heatmap.value, self.arcs.value = png(heatmap), png(arcs)
+
+    def picture(self) -> bytes | None:
+        return self.heatmap.value or None
 
     def callback(self, every: int = 10) -> Callable[[Any], None]:
         """A ``lab.train.fit`` callback that refreshes the view every ``every`` steps."""
@@ -124,4 +130,5 @@ class AttentionView(View):
         return on_step
 
     def __repr__(self) -> str:
-        return f"AttentionView({self.layer.label}, head={self.head.value!r}, tokens={len(self.tokens)})"
+        title = "" if self.title is None else f"{self.title!r}, "
+        return f"AttentionView({title}{self.layer.label}, head={self.head.value!r}, tokens={len(self.tokens)})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 from typing import Any
@@ -15,14 +16,24 @@ class View:
     """A thin wrapper around one ipywidgets container (``self.widget``).
 
     It displays as that widget in a notebook, while its ``text/plain`` repr stays a
-    short, stable line (notebooks under nbval compare it).
+    short, stable line (notebooks under nbval compare it). Beside the live widget the
+    display carries a PNG of the view as it was drawn (``picture``): a front end that
+    cannot show the widget (a notebook opened from disk, untrusted, or without its
+    kernel; GitHub; nbviewer) shows that picture instead of the bare repr.
     """
 
     widget: widgets.Widget
 
+    def picture(self) -> bytes | None:
+        """PNG bytes of what the view shows now, or None (then only text)."""
+        return None
+
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = self.widget._repr_mimebundle_(**kwargs)
         bundle["text/plain"] = repr(self)
+        picture = self.picture()
+        if picture:
+            bundle["image/png"] = base64.b64encode(picture).decode("ascii")
         return bundle
 
 

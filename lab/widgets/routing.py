@@ -30,8 +30,10 @@ class RoutingView(View):
         model: nn.Module,
         tokenizer: Any = None,
         text: str = "The cat sat on the mat. The cat sat on the hat.",
+        title: str | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.title = title  # which model this is, at the head of every figure
         self.names = [n for n in hook_points(model) if n.endswith(".mlp.routing")]
         if not self.names:
             raise ValueError(
@@ -86,7 +88,7 @@ class RoutingView(View):
     def draw(self) -> None:
         name = self.layer.value
         self.record = self.cache[name]
-        label = self.layer.label
+        label = self.layer.label if self.title is None else f"{self.title}: {self.layer.label}"
         weights = self.record.combine_weights[0].float().cpu()
         self.figures = {
             "routing": plots.routing_heatmap(weights, self.tokens, title=f"{label} routing"),
@@ -98,6 +100,9 @@ class RoutingView(View):
         self.routing_image.value = png(self.figures["routing"])
         self.load_image.value = png(self.figures["load"])
         self.history_image.value = png(self.figures["history"])
+
+    def picture(self) -> bytes | None:
+        return self.routing_image.value or None
 
     def callback(self, every: int = 10) -> Callable[[Any], None]:
         """A ``lab.train.fit`` callback that refreshes the view every ``every`` steps."""

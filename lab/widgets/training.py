@@ -181,6 +181,9 @@ class TrainingView(View):
             parts.append("<b>stopping</b>")
         return " &middot; ".join(parts)
 
+    def picture(self) -> bytes | None:
+        return self.image.value or None
+
     def __repr__(self) -> str:
         if self.state is None:
             return "TrainingView(no run yet)"
