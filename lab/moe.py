@@ -82,6 +82,7 @@ and each forward pass keeps a ``RoutingRecord`` of the last batch in ``layer.rou
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -183,6 +184,7 @@ class Experts(nn.Module):
     """
 
     use_grouped_mm: bool | None = None  # None: auto
+    fused: bool = False  # combine() through the fused path (``fuse_experts``)
 
     def __init__(
         self,
@@ -200,8 +202,18 @@ class Experts(nn.Module):
             nn.Parameter(torch.empty(n_expert, 2 * intermediate_size)) if bias else None
         )
         self.fc_2_bias = nn.Parameter(torch.empty(n_expert, n_embd)) if bias else None
+        self.activation = activation
         self.act = registry.activation.get(activation)()
         self.swiglu_limit = swiglu_limit
+
+    def combine(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """``x`` (N, C) -> (N, C): every kept assignment's gated expert output, summed
+        per token (the fused path when ``fused`` is set, else gather, experts, scatter)."""
+        if self.fused:
+            return fused_experts(self, x, dispatch)
+        y = self(x[dispatch.tokens], dispatch.counts)  # (M, C), grouped by expert
+        y = y * dispatch.gates.to(y.dtype)[:, None]
+        return torch.zeros_like(x).index_add_(0, dispatch.tokens, y)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` (M, C) sorted by expert, ``counts`` (E,) rows per expert -> (M, C)."""
@@ -265,6 +277,224 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
     if y.requires_grad:  # its backward rejects broadcast (stride-0) gradients
         y.register_hook(lambda grad: grad.contiguous())
     return y
+
+
+# --- the fused expert path ---------------------------------------------------------------
+#
+# Eager autograd makes every elementwise step of the experts a pass over memory: the
+# gather, SwiGLU's activation and product and their backward, the backward of
+# ``chunk`` (a cat), the gate product, the scatter. The fused path keeps the per-expert
+# matmuls (which already run at the machine's peak) and does the rest in three passes
+# per direction: one gather, one compiled kernel for the whole nonlinearity over all
+# experts' rows at once (the gate folded in: ``y * g == (glu(a) * g) @ fc_2.T``), one
+# scatter; its backward is hand-written with one compiled kernel for the nonlinearity's
+# gradient. The matmuls write straight into preallocated buffers. Both directions are
+# ``torch.library`` custom ops, so an outer ``torch.compile`` (``fit(compile=True)``)
+# sees one opaque op with static shapes (M = N * k when dropless) and never traces the
+# data-dependent loop over experts; the kernels inside are compiled once, dynamic in
+# the number of rows, so new routings or batch sizes do not recompile.
+
+
+def fuse_experts(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Switch every MoE layer of ``model`` (or the layer itself) to the fused expert
+    path, or back with ``fused=False``; returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.fused = fused
+    return model
+
+
+class GLUKernels:
+    """The experts' nonlinearity with the gate folded in, ``hg = glu(a) * g`` over
+    (M, 2I) rows ``a`` = ``[gate | up]``, and its gradient, compiled on first use.
+
+    Where compiling fails (no C++ compiler, say) it warns once and runs the same
+    functions eagerly: same results, less speed.
+    """
+
+    def __init__(self, activation: str, swiglu_limit: float | None) -> None:
+        act = registry.activation.get(activation)()
+
+        def forward(a: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+            gate, up = a.chunk(2, dim=-1)
+            glu = (
+                clamped_swiglu(gate, up, swiglu_limit)
+                if swiglu_limit is not None
+                else act(gate) * up
+            )
+            return glu * gates.to(a.dtype)[:, None]
+
+        def backward(
+            a: torch.Tensor, gates: torch.Tensor, grad: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.func.vjp(forward, a, gates)[1](grad)
+
+        self.eager = {"forward": forward, "backward": backward}
+        self.compiled = {name: torch.compile(fn, dynamic=False) for name, fn in self.eager.items()}
+
+    def __call__(self, name: str, *tensors: torch.Tensor):
+        if self.compiled is not None:
+            for t in tensors:  # one kernel for every row count: no recompiles
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            try:
+                return self.compiled[name](*tensors)
+            except Exception as error:  # any compiler failure; a real fault re-raises eagerly
+                warnings.warn(
+                    f"lab.moe: fused experts run uncompiled, torch.compile failed ({error!r:.200})",
+                    stacklevel=2,
+                )
+                self.compiled = None
+        return self.eager[name](*tensors)
+
+
+_GLU_KERNELS: dict[tuple[str, float | None], GLUKernels] = {}
+
+
+def glu_kernels(activation: str, swiglu_limit: float | None) -> GLUKernels:
+    key = (activation, swiglu_limit)
+    if key not in _GLU_KERNELS:
+        _GLU_KERNELS[key] = GLUKernels(activation, swiglu_limit)
+    return _GLU_KERNELS[key]
+
+
+def fused_experts(experts: Experts, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """``Experts.combine`` through the fused ops (same result, fewer passes)."""
+    no_bias = experts.fc_1.new_empty(0)
+    out, *_ = torch.ops.lab.moe_experts(
+        x, dispatch.tokens, dispatch.gates, dispatch.counts, experts.fc_1, experts.fc_2,
+        no_bias if experts.fc_1_bias is None else experts.fc_1_bias,
+        no_bias if experts.fc_2_bias is None else experts.fc_2_bias,
+        experts.activation, experts.swiglu_limit,
+    )  # fmt: skip
+    return out
+
+
+def row_bias(bias: torch.Tensor, counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """(E, W) per-expert bias -> (rows, W): each row its expert's."""
+    return bias.repeat_interleave(counts, dim=0, output_size=rows)
+
+
+@torch.library.custom_op("lab::moe_experts", mutates_args=())
+def moe_experts(
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    gates: torch.Tensor,
+    counts: torch.Tensor,
+    fc_1: torch.Tensor,
+    fc_2: torch.Tensor,
+    fc_1_bias: torch.Tensor,
+    fc_2_bias: torch.Tensor,
+    activation: str,
+    swiglu_limit: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: (out (N, C); saved for backward: x_sorted (M, C), a (M, 2I), hg (M, I)).
+    Empty biases mean none."""
+    sizes = counts.tolist()
+    x_sorted = x.index_select(0, tokens)
+    a = x.new_empty(len(tokens), fc_1.size(1))
+    for e, (x_e, a_e) in enumerate(zip(x_sorted.split(sizes), a.split(sizes), strict=True)):
+        if len(x_e) and fc_1_bias.numel():
+            torch.addmm(fc_1_bias[e], x_e, fc_1[e].t(), out=a_e)
+        elif len(x_e):
+            torch.mm(x_e, fc_1[e].t(), out=a_e)
+    hg = glu_kernels(activation, swiglu_limit)("forward", a, gates)
+    y = x.new_empty(x_sorted.shape)
+    for e, (hg_e, y_e) in enumerate(zip(hg.split(sizes), y.split(sizes), strict=True)):
+        if len(hg_e):
+            torch.mm(hg_e, fc_2[e].t(), out=y_e)
+    if fc_2_bias.numel():  # the bias is gated too: (h @ fc_2.T + b) * g
+        y.addcmul_(row_bias(fc_2_bias, counts, len(y)), gates.to(y.dtype)[:, None])
+    return torch.zeros_like(x).index_add_(0, tokens, y), x_sorted, a, hg
+
+
+@moe_experts.register_fake
+def _(x, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias, activation, swiglu_limit):
+    M = tokens.size(0)
+    return (
+        torch.empty_like(x), x.new_empty(M, x.size(1)),
+        x.new_empty(M, fc_1.size(1)), x.new_empty(M, fc_2.size(2)),
+    )  # fmt: skip
+
+
+@torch.library.custom_op("lab::moe_experts_backward", mutates_args=())
+def moe_experts_backward(
+    grad: torch.Tensor,
+    x_sorted: torch.Tensor,
+    a: torch.Tensor,
+    hg: torch.Tensor,
+    tokens: torch.Tensor,
+    gates: torch.Tensor,
+    counts: torch.Tensor,
+    fc_1: torch.Tensor,
+    fc_2: torch.Tensor,
+    fc_1_bias: torch.Tensor,
+    fc_2_bias: torch.Tensor,
+    activation: str,
+    swiglu_limit: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x, gates, fc_1, fc_2, fc_1_bias, fc_2_bias (empty where no bias)."""
+    sizes = counts.tolist()
+    grad_y = grad.index_select(0, tokens)  # (M, C): y was gated through hg, so no gate here
+    grad_hg = hg.new_empty(hg.shape)
+    grad_fc_2 = torch.empty_like(fc_2)
+    for e, (g_e, hg_e, out_e) in enumerate(
+        zip(grad_y.split(sizes), hg.split(sizes), grad_hg.split(sizes), strict=True)
+    ):
+        if len(g_e):
+            torch.mm(g_e.t(), hg_e, out=grad_fc_2[e])
+            torch.mm(g_e, fc_2[e], out=out_e)
+        else:
+            grad_fc_2[e].zero_()
+    grad_a, grad_gates = glu_kernels(activation, swiglu_limit)("backward", a, gates, grad_hg)
+    grad_fc_1_bias, grad_fc_2_bias = fc_1.new_empty(0), fc_1.new_empty(0)
+    if fc_2_bias.numel():
+        grad_gates = grad_gates + (grad_y * row_bias(fc_2_bias, counts, len(grad_y))).sum(-1)
+        experts = torch.arange(len(sizes), device=counts.device).repeat_interleave(counts)
+        grad_fc_2_bias = torch.zeros_like(fc_2_bias).index_add_(
+            0, experts, grad_y * gates.to(grad_y.dtype)[:, None]
+        )
+        grad_fc_1_bias = torch.zeros_like(fc_1_bias).index_add_(0, experts, grad_a)
+    grad_x_sorted = x_sorted.new_empty(x_sorted.shape)
+    grad_fc_1 = torch.empty_like(fc_1)
+    for e, (ga_e, x_e, out_e) in enumerate(
+        zip(grad_a.split(sizes), x_sorted.split(sizes), grad_x_sorted.split(sizes), strict=True)
+    ):
+        if len(ga_e):
+            torch.mm(ga_e.t(), x_e, out=grad_fc_1[e])
+            torch.mm(ga_e, fc_1[e], out=out_e)
+        else:
+            grad_fc_1[e].zero_()
+    grad_x = grad.new_zeros(grad.shape).index_add_(0, tokens, grad_x_sorted)
+    return grad_x, grad_gates, grad_fc_1, grad_fc_2, grad_fc_1_bias, grad_fc_2_bias
+
+
+@moe_experts_backward.register_fake
+def _(grad, x_sorted, a, hg, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias,
+      activation, swiglu_limit):  # fmt: skip
+    return (
+        torch.empty_like(grad), torch.empty_like(gates), torch.empty_like(fc_1),
+        torch.empty_like(fc_2), torch.empty_like(fc_1_bias), torch.empty_like(fc_2_bias),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias, activation, limit = inputs
+    _, x_sorted, a, hg = output
+    ctx.save_for_backward(x_sorted, a, hg, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias)
+    ctx.activation, ctx.swiglu_limit = activation, limit
+
+
+def _backward(ctx, grad, *_):
+    saved = ctx.saved_tensors
+    grad_x, grad_gates, grad_fc_1, grad_fc_2, grad_b1, grad_b2 = torch.ops.lab.moe_experts_backward(
+        grad.contiguous(), *saved, ctx.activation, ctx.swiglu_limit
+    )
+    return (grad_x, None, grad_gates, None, grad_fc_1, grad_fc_2,
+            grad_b1 if grad_b1.numel() else None, grad_b2 if grad_b2.numel() else None,
+            None, None)  # fmt: skip
+
+
+moe_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
 @registry.mlp.register("MoE")
@@ -345,9 +575,7 @@ class MoE(nn.Module):
                 capacity = expert_capacity(B * T, self.n_expert, self.k, self.capacity_factor)
             dispatch, kept = sort_by_expert(indices, gates, self.n_expert, capacity)
             selected_counts = torch.bincount(indices.reshape(-1), minlength=self.n_expert)
-        y = self.experts(x[dispatch.tokens], dispatch.counts)  # (M, C), grouped by expert
-        y = y * dispatch.gates.to(y.dtype)[:, None]
-        out = torch.zeros_like(x).index_add_(0, dispatch.tokens, y)
+        out = self.experts.combine(x, dispatch)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_gate is not None:
