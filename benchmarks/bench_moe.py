@@ -6,10 +6,12 @@ Layer races (n_embd 256, 4096 tokens, fp32, Mixtral routing "topk_softmax", drop
 * 32 experts, top-4, expert width 256 (fine-grained: same active FLOPs).
 
 Model race: a 4-layer Mixtral-like GPT (GQA, 8 experts top-2), forward + backward +
-AdamW step on 8 x 256 tokens. Both sides get identical weights (copied, and checked
-by comparing outputs), then are timed in one process, interleaved round by round
-(alternating who goes first) so that a neighbour's load slows both alike. Prints the
-median time of each and the median LitGPT/lab speed ratio with its range over rounds.
+AdamW step on 8 x 256 tokens. lab runs twice: the default experts, and the fused
+expert path (``lab.moe.fuse_experts``; its first call compiles two small kernels,
+timed apart). All get identical weights (copied, and checked by comparing outputs),
+then are timed in one process, interleaved round by round (alternating who goes
+first) so that a neighbour's load slows all alike. Prints the median time of each
+and the median LitGPT/lab speed ratio with its range over rounds.
 
     python -m benchmarks.bench_moe               # 1 thread, the steadiest
     python -m benchmarks.bench_moe --threads 2 --rounds 15
@@ -21,7 +23,9 @@ Needs the bench extra: pip install -e ".[bench]".
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -32,7 +36,7 @@ from litgpt.model import LLaMAMoE
 
 from benchmarks.common import race, speedup
 from lab import GPT, Config
-from lab.moe import MoE
+from lab.moe import MoE, fuse_experts
 
 LAYERS = {"8 experts top-2": (8, 2, 512), "32 experts top-4": (32, 4, 256)}
 MODEL = dict(
@@ -70,12 +74,14 @@ def lit_state(lab_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def report(name: str, fns: dict[str, Callable[[], None]], rounds: int) -> None:
-    """Race the functions (one call per round) and print the median times and speed-up."""
+    """Race the functions (one call per round); print the median times and each lab
+    contestant's speed-up over LitGPT."""
     times = race(fns, rounds)
-    print(
-        f"{name:<42} lab {statistics.median(times['lab']) * 1e3:8.1f} ms   "
-        f"litgpt {statistics.median(times['litgpt']) * 1e3:8.1f} ms   speed-up {speedup(times)}"
-    )
+    print(name)
+    print("   ", "   ".join(f"{n} {statistics.median(t) * 1e3:.1f} ms" for n, t in times.items()))
+    for n in fns:
+        if n != "litgpt":
+            print(f"    {n} speed-up over litgpt {speedup(times, lab=n)}")
 
 
 def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, rounds: int) -> None:
@@ -86,8 +92,14 @@ def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, round
     torch.manual_seed(0)
     lab, lit = MoE(lab_config), LLaMAMoE(lit_config)
     lit.load_state_dict(lit_state(lab.state_dict()))
+    fused = fuse_experts(copy.deepcopy(lab))
     x = torch.randn(1, tokens, 256)
     torch.testing.assert_close(lab(x), lit(x), atol=1e-5, rtol=1e-4)
+    start = time.perf_counter()
+    torch.testing.assert_close(fused(x), lit(x), atol=1e-5, rtol=1e-4)
+    print(
+        f"{label}: fused path's first call (compiles its kernels) {time.perf_counter() - start:.1f} s"
+    )
     grad = torch.randn_like(x)
 
     def forward(layer):
@@ -105,11 +117,10 @@ def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, round
 
         return run
 
-    report(f"{label}, forward", {"lab": forward(lab), "litgpt": forward(lit)}, rounds)
+    layers = {"lab": lab, "lab fused": fused, "litgpt": lit}
+    report(f"{label}, forward", {n: forward(m) for n, m in layers.items()}, rounds)
     report(
-        f"{label}, forward+backward",
-        {"lab": forward_backward(lab), "litgpt": forward_backward(lit)},
-        rounds,
+        f"{label}, forward+backward", {n: forward_backward(m) for n, m in layers.items()}, rounds
     )
 
 
@@ -118,10 +129,12 @@ def model_race(batch: int, seq_len: int, rounds: int) -> None:
     torch.manual_seed(0)
     lab, lit = GPT(lab_config), LitGPT(lit_config)
     lit.load_state_dict(lit_state(lab.state_dict()))
+    fused = fuse_experts(copy.deepcopy(lab))
     idx = torch.randint(0, lab_config.vocab_size, (batch, seq_len + 1))
     x, y = idx[:, :-1], idx[:, 1:]
     with torch.no_grad():
         torch.testing.assert_close(lab(x), lit(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused(x), lit(x), atol=1e-4, rtol=1e-4)
 
     def train_step(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -134,7 +147,8 @@ def model_race(batch: int, seq_len: int, rounds: int) -> None:
         return run
 
     label = f"Mixtral-like model {batch}x{seq_len}, train step"
-    report(label, {"lab": train_step(lab), "litgpt": train_step(lit)}, rounds)
+    models = {"lab": lab, "lab fused": fused, "litgpt": lit}
+    report(label, {n: train_step(m) for n, m in models.items()}, rounds)
 
 
 def main() -> None:

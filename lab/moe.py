@@ -171,6 +171,14 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
     return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(SWIGLU_ALPHA * gate)
 
 
+def glu(gate: torch.Tensor, up: torch.Tensor, act: nn.Module, swiglu_limit: float | None):
+    """The experts' gated nonlinearity: ``act(gate) * up``, or GPT-OSS's clamped
+    SwiGLU when ``swiglu_limit`` is set."""
+    if swiglu_limit is not None:
+        return clamped_swiglu(gate, up, swiglu_limit)
+    return act(gate) * up
+
+
 class Experts(nn.Module):
     """``n_expert`` gated MLPs with stacked weights, run on tokens sorted by expert.
 
@@ -243,9 +251,7 @@ class Experts(nn.Module):
         return torch.cat(outputs)
 
     def _glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.swiglu_limit is not None:
-            return clamped_swiglu(gate, up, self.swiglu_limit)
-        return self.act(gate) * up
+        return glu(gate, up, self.act, self.swiglu_limit)
 
     @staticmethod
     def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
@@ -281,18 +287,18 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
 
 # --- the fused expert path ---------------------------------------------------------------
 #
-# Eager autograd makes every elementwise step of the experts a pass over memory: the
-# gather, SwiGLU's activation and product and their backward, the backward of
-# ``chunk`` (a cat), the gate product, the scatter. The fused path keeps the per-expert
-# matmuls (which already run at the machine's peak) and does the rest in three passes
-# per direction: one gather, one compiled kernel for the whole nonlinearity over all
-# experts' rows at once (the gate folded in: ``y * g == (glu(a) * g) @ fc_2.T``), one
-# scatter; its backward is hand-written with one compiled kernel for the nonlinearity's
-# gradient. The matmuls write straight into preallocated buffers. Both directions are
-# ``torch.library`` custom ops, so an outer ``torch.compile`` (``fit(compile=True)``)
-# sees one opaque op with static shapes (M = N * k when dropless) and never traces the
-# data-dependent loop over experts; the kernels inside are compiled once, dynamic in
-# the number of rows, so new routings or batch sizes do not recompile.
+# Eager autograd makes every elementwise step of the experts a pass over memory: SwiGLU's
+# activation and product and their backward, the backward of ``chunk`` (a cat), the
+# gate product and its backward. The fused path keeps the per-expert matmuls (which
+# already run at the machine's peak) and gives each expert one compiled kernel per
+# direction for the rest: ``hg = glu(a) * g`` (the gate folded in, since
+# ``(h @ fc_2.T) * g == (h * g) @ fc_2.T``), and its gradient, which writes the
+# ``[gate | up]`` gradient in place of the cat and the gates' gradient in the same pass.
+# Buffers stay per expert, as in the default path: one large buffer for all experts'
+# rows would be fresh memory from the OS (page faults) on every step. The kernels are
+# compiled once, dynamic in the number of rows, so new routings do not recompile; an
+# outer ``torch.compile`` (``fit(compile=True)``) breaks its graph at the experts
+# (``torch.compiler.disable``) and runs this path as it is, with its own kernels.
 
 
 def fuse_experts(model: nn.Module, fused: bool = True) -> nn.Module:
@@ -306,7 +312,7 @@ def fuse_experts(model: nn.Module, fused: bool = True) -> nn.Module:
 
 class GLUKernels:
     """The experts' nonlinearity with the gate folded in, ``hg = glu(a) * g`` over
-    (M, 2I) rows ``a`` = ``[gate | up]``, and its gradient, compiled on first use.
+    (rows, 2I) ``a`` = ``[gate | up]``, and its gradient, compiled on first use.
 
     Where compiling fails (no C++ compiler, say) it warns once and runs the same
     functions eagerly: same results, less speed.
@@ -316,13 +322,8 @@ class GLUKernels:
         act = registry.activation.get(activation)()
 
         def forward(a: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-            gate, up = a.chunk(2, dim=-1)
-            glu = (
-                clamped_swiglu(gate, up, swiglu_limit)
-                if swiglu_limit is not None
-                else act(gate) * up
-            )
-            return glu * gates.to(a.dtype)[:, None]
+            gated = glu(*a.chunk(2, dim=-1), act, swiglu_limit)
+            return gated * gates.to(a.dtype)[:, None]
 
         def backward(
             a: torch.Tensor, gates: torch.Tensor, grad: torch.Tensor
@@ -333,8 +334,10 @@ class GLUKernels:
         self.compiled = {name: torch.compile(fn, dynamic=False) for name, fn in self.eager.items()}
 
     def __call__(self, name: str, *tensors: torch.Tensor):
-        if self.compiled is not None:
-            for t in tensors:  # one kernel for every row count: no recompiles
+        # one kernel for every row count >= 2, so no recompiles (torch would specialise
+        # a kernel to 1 row; unbacked sizes avoid that but give an 8x slower gradient)
+        if self.compiled is not None and len(tensors[0]) > 1:
+            for t in tensors:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             try:
                 return self.compiled[name](*tensors)
@@ -351,150 +354,89 @@ _GLU_KERNELS: dict[tuple[str, float | None], GLUKernels] = {}
 
 
 def glu_kernels(activation: str, swiglu_limit: float | None) -> GLUKernels:
+    """The kernels of one nonlinearity, shared by every layer that uses it."""
     key = (activation, swiglu_limit)
     if key not in _GLU_KERNELS:
         _GLU_KERNELS[key] = GLUKernels(activation, swiglu_limit)
     return _GLU_KERNELS[key]
 
 
+@torch.compiler.disable
 def fused_experts(experts: Experts, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-    """``Experts.combine`` through the fused ops (same result, fewer passes)."""
-    no_bias = experts.fc_1.new_empty(0)
-    out, *_ = torch.ops.lab.moe_experts(
+    """``Experts.combine`` through the fused path (same result, fewer passes)."""
+    return FusedExperts.apply(
         x, dispatch.tokens, dispatch.gates, dispatch.counts, experts.fc_1, experts.fc_2,
-        no_bias if experts.fc_1_bias is None else experts.fc_1_bias,
-        no_bias if experts.fc_2_bias is None else experts.fc_2_bias,
-        experts.activation, experts.swiglu_limit,
-    )  # fmt: skip
-    return out
-
-
-def row_bias(bias: torch.Tensor, counts: torch.Tensor, rows: int) -> torch.Tensor:
-    """(E, W) per-expert bias -> (rows, W): each row its expert's."""
-    return bias.repeat_interleave(counts, dim=0, output_size=rows)
-
-
-@torch.library.custom_op("lab::moe_experts", mutates_args=())
-def moe_experts(
-    x: torch.Tensor,
-    tokens: torch.Tensor,
-    gates: torch.Tensor,
-    counts: torch.Tensor,
-    fc_1: torch.Tensor,
-    fc_2: torch.Tensor,
-    fc_1_bias: torch.Tensor,
-    fc_2_bias: torch.Tensor,
-    activation: str,
-    swiglu_limit: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: (out (N, C); saved for backward: x_sorted (M, C), a (M, 2I), hg (M, I)).
-    Empty biases mean none."""
-    sizes = counts.tolist()
-    x_sorted = x.index_select(0, tokens)
-    a = x.new_empty(len(tokens), fc_1.size(1))
-    for e, (x_e, a_e) in enumerate(zip(x_sorted.split(sizes), a.split(sizes), strict=True)):
-        if len(x_e) and fc_1_bias.numel():
-            torch.addmm(fc_1_bias[e], x_e, fc_1[e].t(), out=a_e)
-        elif len(x_e):
-            torch.mm(x_e, fc_1[e].t(), out=a_e)
-    hg = glu_kernels(activation, swiglu_limit)("forward", a, gates)
-    y = x.new_empty(x_sorted.shape)
-    for e, (hg_e, y_e) in enumerate(zip(hg.split(sizes), y.split(sizes), strict=True)):
-        if len(hg_e):
-            torch.mm(hg_e, fc_2[e].t(), out=y_e)
-    if fc_2_bias.numel():  # the bias is gated too: (h @ fc_2.T + b) * g
-        y.addcmul_(row_bias(fc_2_bias, counts, len(y)), gates.to(y.dtype)[:, None])
-    return torch.zeros_like(x).index_add_(0, tokens, y), x_sorted, a, hg
-
-
-@moe_experts.register_fake
-def _(x, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias, activation, swiglu_limit):
-    M = tokens.size(0)
-    return (
-        torch.empty_like(x), x.new_empty(M, x.size(1)),
-        x.new_empty(M, fc_1.size(1)), x.new_empty(M, fc_2.size(2)),
+        experts.fc_1_bias, experts.fc_2_bias, glu_kernels(experts.activation, experts.swiglu_limit),
     )  # fmt: skip
 
 
-@torch.library.custom_op("lab::moe_experts_backward", mutates_args=())
-def moe_experts_backward(
-    grad: torch.Tensor,
-    x_sorted: torch.Tensor,
-    a: torch.Tensor,
-    hg: torch.Tensor,
-    tokens: torch.Tensor,
-    gates: torch.Tensor,
-    counts: torch.Tensor,
-    fc_1: torch.Tensor,
-    fc_2: torch.Tensor,
-    fc_1_bias: torch.Tensor,
-    fc_2_bias: torch.Tensor,
-    activation: str,
-    swiglu_limit: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of x, gates, fc_1, fc_2, fc_1_bias, fc_2_bias (empty where no bias)."""
-    sizes = counts.tolist()
-    grad_y = grad.index_select(0, tokens)  # (M, C): y was gated through hg, so no gate here
-    grad_hg = hg.new_empty(hg.shape)
-    grad_fc_2 = torch.empty_like(fc_2)
-    for e, (g_e, hg_e, out_e) in enumerate(
-        zip(grad_y.split(sizes), hg.split(sizes), grad_hg.split(sizes), strict=True)
-    ):
-        if len(g_e):
-            torch.mm(g_e.t(), hg_e, out=grad_fc_2[e])
-            torch.mm(g_e, fc_2[e], out=out_e)
-        else:
-            grad_fc_2[e].zero_()
-    grad_a, grad_gates = glu_kernels(activation, swiglu_limit)("backward", a, gates, grad_hg)
-    grad_fc_1_bias, grad_fc_2_bias = fc_1.new_empty(0), fc_1.new_empty(0)
-    if fc_2_bias.numel():
-        grad_gates = grad_gates + (grad_y * row_bias(fc_2_bias, counts, len(grad_y))).sum(-1)
-        experts = torch.arange(len(sizes), device=counts.device).repeat_interleave(counts)
-        grad_fc_2_bias = torch.zeros_like(fc_2_bias).index_add_(
-            0, experts, grad_y * gates.to(grad_y.dtype)[:, None]
+class FusedExperts(torch.autograd.Function):
+    """Gather, experts and scatter with a hand-written backward (see the section
+    comment above); biases may be None."""
+
+    @staticmethod
+    def forward(ctx, x, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias, kernels):
+        sizes = counts.tolist()
+        x_sorted = x.index_select(0, tokens)
+        y = torch.empty_like(x_sorted)
+        saved = []  # per expert: a = [gate | up] pre-activation, hg = its gated output
+        for e, (x_e, g_e, y_e) in enumerate(
+            zip(x_sorted.split(sizes), gates.split(sizes), y.split(sizes), strict=True)
+        ):
+            if not len(x_e):
+                saved.append(None)
+                continue
+            a = F.linear(x_e, fc_1[e], None if fc_1_bias is None else fc_1_bias[e])
+            hg = kernels("forward", a, g_e)
+            torch.mm(hg, fc_2[e].t(), out=y_e)
+            if fc_2_bias is not None:  # the bias is gated too: (h @ fc_2.T + b) * g
+                y_e.addcmul_(g_e.to(y.dtype)[:, None], fc_2_bias[e])
+            saved.append((a, hg))
+        ctx.save_for_backward(x_sorted, tokens, gates, fc_1, fc_2, fc_2_bias)
+        ctx.sizes, ctx.saved, ctx.kernels = sizes, saved, kernels
+        ctx.biased = fc_1_bias is not None
+        return torch.zeros_like(x).index_add_(0, tokens, y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x_sorted, tokens, gates, fc_1, fc_2, fc_2_bias = ctx.saved_tensors
+        sizes = ctx.sizes
+        grad_y = grad.index_select(0, tokens)  # y was gated through hg: no gate here
+        grad_x_sorted = torch.empty_like(x_sorted)
+        grad_gates = torch.empty_like(gates)
+        grad_fc_1, grad_fc_2 = torch.empty_like(fc_1), torch.empty_like(fc_2)
+        grad_b1, grad_b2 = (
+            (fc_1.new_zeros(fc_1.shape[:2]), fc_2.new_zeros(fc_2.shape[:2]))
+            if ctx.biased
+            else (None, None)
         )
-        grad_fc_1_bias = torch.zeros_like(fc_1_bias).index_add_(0, experts, grad_a)
-    grad_x_sorted = x_sorted.new_empty(x_sorted.shape)
-    grad_fc_1 = torch.empty_like(fc_1)
-    for e, (ga_e, x_e, out_e) in enumerate(
-        zip(grad_a.split(sizes), x_sorted.split(sizes), grad_x_sorted.split(sizes), strict=True)
-    ):
-        if len(ga_e):
-            torch.mm(ga_e.t(), x_e, out=grad_fc_1[e])
-            torch.mm(ga_e, fc_1[e], out=out_e)
-        else:
-            grad_fc_1[e].zero_()
-    grad_x = grad.new_zeros(grad.shape).index_add_(0, tokens, grad_x_sorted)
-    return grad_x, grad_gates, grad_fc_1, grad_fc_2, grad_fc_1_bias, grad_fc_2_bias
-
-
-@moe_experts_backward.register_fake
-def _(grad, x_sorted, a, hg, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias,
-      activation, swiglu_limit):  # fmt: skip
-    return (
-        torch.empty_like(grad), torch.empty_like(gates), torch.empty_like(fc_1),
-        torch.empty_like(fc_2), torch.empty_like(fc_1_bias), torch.empty_like(fc_2_bias),
-    )  # fmt: skip
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    _, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias, activation, limit = inputs
-    _, x_sorted, a, hg = output
-    ctx.save_for_backward(x_sorted, a, hg, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias)
-    ctx.activation, ctx.swiglu_limit = activation, limit
-
-
-def _backward(ctx, grad, *_):
-    saved = ctx.saved_tensors
-    grad_x, grad_gates, grad_fc_1, grad_fc_2, grad_b1, grad_b2 = torch.ops.lab.moe_experts_backward(
-        grad.contiguous(), *saved, ctx.activation, ctx.swiglu_limit
-    )
-    return (grad_x, None, grad_gates, None, grad_fc_1, grad_fc_2,
-            grad_b1 if grad_b1.numel() else None, grad_b2 if grad_b2.numel() else None,
-            None, None)  # fmt: skip
-
-
-moe_experts.register_autograd(_backward, setup_context=_setup_context)
+        pieces = zip(
+            ctx.saved,
+            grad_y.split(sizes),
+            x_sorted.split(sizes),
+            gates.split(sizes),
+            grad_x_sorted.split(sizes),
+            grad_gates.split(sizes),
+            strict=True,
+        )
+        for e, (saved, dy, x_e, g_e, dx_e, dg_e) in enumerate(pieces):
+            if saved is None:  # no tokens: no gradient
+                grad_fc_1[e], grad_fc_2[e] = 0, 0
+                continue
+            a, hg = saved
+            torch.mm(dy.t(), hg, out=grad_fc_2[e])
+            grad_a, grad_g = ctx.kernels("backward", a, g_e, dy @ fc_2[e])
+            torch.mm(grad_a.t(), x_e, out=grad_fc_1[e])
+            torch.mm(grad_a, fc_1[e], out=dx_e)
+            if ctx.biased:
+                grad_b1[e] = grad_a.sum(0)
+                grad_b2[e] = g_e.to(dy.dtype) @ dy
+                grad_g = grad_g + dy @ fc_2_bias[e]
+            dg_e.copy_(grad_g)
+        grad_x = torch.zeros_like(grad).index_add_(0, tokens, grad_x_sorted)
+        ctx.saved = None
+        return grad_x, None, grad_gates, None, grad_fc_1, grad_fc_2, grad_b1, grad_b2, None
 
 
 @registry.mlp.register("MoE")
