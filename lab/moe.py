@@ -372,39 +372,36 @@ def fused_experts(experts: Experts, x: torch.Tensor, dispatch: Dispatch) -> torc
 
 class FusedExperts(torch.autograd.Function):
     """Gather, experts and scatter with a hand-written backward (see the section
-    comment above); biases may be None."""
+    comment above), expert by expert; biases may be None."""
 
     @staticmethod
     def forward(ctx, x, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias, kernels):
         sizes = counts.tolist()
-        x_sorted = x.index_select(0, tokens)
-        y = torch.empty_like(x_sorted)
-        saved = []  # per expert: a = [gate | up] pre-activation, hg = its gated output
-        for e, (x_e, g_e, y_e) in enumerate(
-            zip(x_sorted.split(sizes), gates.split(sizes), y.split(sizes), strict=True)
-        ):
-            if not len(x_e):
+        out = torch.zeros_like(x)
+        saved = []  # per expert: its rows of x, a = [gate | up], hg = the gated GLU
+        pieces = zip(tokens.split(sizes), gates.split(sizes), strict=True)
+        for e, (tokens_e, g_e) in enumerate(pieces):
+            if not len(tokens_e):
                 saved.append(None)
                 continue
+            x_e = x.index_select(0, tokens_e)
             a = F.linear(x_e, fc_1[e], None if fc_1_bias is None else fc_1_bias[e])
             hg = kernels("forward", a, g_e)
-            torch.mm(hg, fc_2[e].t(), out=y_e)
+            y = hg @ fc_2[e].t()
             if fc_2_bias is not None:  # the bias is gated too: (h @ fc_2.T + b) * g
-                y_e.addcmul_(g_e.to(y.dtype)[:, None], fc_2_bias[e])
-            saved.append((a, hg))
-        ctx.save_for_backward(x_sorted, tokens, gates, fc_1, fc_2, fc_2_bias)
+                y.addcmul_(g_e.to(y.dtype)[:, None], fc_2_bias[e])
+            out.index_add_(0, tokens_e, y)
+            saved.append((x_e, a, hg))
+        ctx.save_for_backward(tokens, gates, fc_1, fc_2, fc_2_bias)
         ctx.sizes, ctx.saved, ctx.kernels = sizes, saved, kernels
         ctx.biased = fc_1_bias is not None
-        return torch.zeros_like(x).index_add_(0, tokens, y)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x_sorted, tokens, gates, fc_1, fc_2, fc_2_bias = ctx.saved_tensors
-        sizes = ctx.sizes
-        grad_y = grad.index_select(0, tokens)  # y was gated through hg: no gate here
-        grad_x_sorted = torch.empty_like(x_sorted)
-        grad_gates = torch.empty_like(gates)
+        tokens, gates, fc_1, fc_2, fc_2_bias = ctx.saved_tensors
+        grad_x, grad_gates = torch.zeros_like(grad), torch.empty_like(gates)
         grad_fc_1, grad_fc_2 = torch.empty_like(fc_1), torch.empty_like(fc_2)
         grad_b1, grad_b2 = (
             (fc_1.new_zeros(fc_1.shape[:2]), fc_2.new_zeros(fc_2.shape[:2]))
@@ -413,28 +410,26 @@ class FusedExperts(torch.autograd.Function):
         )
         pieces = zip(
             ctx.saved,
-            grad_y.split(sizes),
-            x_sorted.split(sizes),
-            gates.split(sizes),
-            grad_x_sorted.split(sizes),
-            grad_gates.split(sizes),
+            tokens.split(ctx.sizes),
+            gates.split(ctx.sizes),
+            grad_gates.split(ctx.sizes),
             strict=True,
         )
-        for e, (saved, dy, x_e, g_e, dx_e, dg_e) in enumerate(pieces):
+        for e, (saved, tokens_e, g_e, grad_g_e) in enumerate(pieces):
             if saved is None:  # no tokens: no gradient
                 grad_fc_1[e], grad_fc_2[e] = 0, 0
                 continue
-            a, hg = saved
+            x_e, a, hg = saved
+            dy = grad.index_select(0, tokens_e)  # y was gated through hg: no gate here
             torch.mm(dy.t(), hg, out=grad_fc_2[e])
             grad_a, grad_g = ctx.kernels("backward", a, g_e, dy @ fc_2[e])
             torch.mm(grad_a.t(), x_e, out=grad_fc_1[e])
-            torch.mm(grad_a, fc_1[e], out=dx_e)
+            grad_x.index_add_(0, tokens_e, grad_a @ fc_1[e])
             if ctx.biased:
                 grad_b1[e] = grad_a.sum(0)
                 grad_b2[e] = g_e.to(dy.dtype) @ dy
                 grad_g = grad_g + dy @ fc_2_bias[e]
-            dg_e.copy_(grad_g)
-        grad_x = torch.zeros_like(grad).index_add_(0, tokens, grad_x_sorted)
+            grad_g_e.copy_(grad_g)
         ctx.saved = None
         return grad_x, None, grad_gates, None, grad_fc_1, grad_fc_2, grad_b1, grad_b2, None
 
