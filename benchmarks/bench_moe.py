@@ -16,6 +16,7 @@ and the median LitGPT/lab speed ratio with its range over rounds.
     python -m benchmarks.bench_moe               # 1 thread, the steadiest
     python -m benchmarks.bench_moe --threads 2 --rounds 15
     python -m benchmarks.bench_moe --quick       # a smoke run
+    python -m benchmarks.bench_moe --profile     # top operators of each layer, no race
 
 Needs the bench extra: pip install -e ".[bench]".
 """
@@ -98,7 +99,10 @@ def report(name: str, fns: dict[str, Callable[[], None]], rounds: int) -> None:
                 print(f"    {clock:<4} {n} speed-up over litgpt {speedup(times, lab=n)}")
 
 
-def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, rounds: int) -> None:
+def layer_contestants(
+    label: str, n_expert: int, k: int, width: int, tokens: int
+) -> tuple[dict[str, torch.nn.Module], torch.Tensor]:
+    """lab's layer, a fused copy and LitGPT's, same weights and outputs; and an input."""
     lab_config, lit_config = configs(
         n_layer=1, n_embd=256, n_head=4, n_expert=n_expert, n_expert_per_token=k,
         moe_intermediate_size=width,
@@ -114,7 +118,20 @@ def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, round
     print(
         f"{label}: fused path's first call (compiles its kernels) {time.perf_counter() - start:.1f} s"
     )
-    grad = torch.randn_like(x)
+    return {"lab": lab, "lab fused": fused, "litgpt": lit}, x
+
+
+def forward_backward(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    x_grad, grad = x.clone().requires_grad_(), torch.randn_like(x)
+
+    def run() -> None:
+        layer(x_grad).backward(grad)
+
+    return run
+
+
+def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, rounds: int) -> None:
+    layers, x = layer_contestants(label, n_expert, k, width, tokens)
 
     def forward(layer):
         def run() -> None:
@@ -123,19 +140,25 @@ def layer_race(label: str, n_expert: int, k: int, width: int, tokens: int, round
 
         return run
 
-    def forward_backward(layer):
-        x_grad = x.clone().requires_grad_()
-
-        def run() -> None:
-            layer(x_grad).backward(grad)
-
-        return run
-
-    layers = {"lab": lab, "lab fused": fused, "litgpt": lit}
     report(f"{label}, forward", {n: forward(m) for n, m in layers.items()}, rounds)
     report(
-        f"{label}, forward+backward", {n: forward_backward(m) for n, m in layers.items()}, rounds
+        f"{label}, forward+backward",
+        {n: forward_backward(m, x) for n, m in layers.items()},
+        rounds,
     )
+
+
+def layer_profile(label: str, n_expert: int, k: int, width: int, tokens: int) -> None:
+    """The top operators (self CPU time) of three forward+backward passes of each."""
+    layers, x = layer_contestants(label, n_expert, k, width, tokens)
+    for name, layer in layers.items():
+        run = forward_backward(layer, x)
+        run()
+        with torch.profiler.profile() as prof:
+            for _ in range(3):
+                run()
+        print(f"{label}, forward+backward x3, {name}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 def model_race(batch: int, seq_len: int, rounds: int) -> None:
@@ -170,13 +193,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per race")
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: a smoke run")
+    parser.add_argument("--profile", action="store_true", help="profile the layers, no race")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokens, batch, seq_len, rounds = (512, 2, 64, 2) if args.quick else (4096, 8, 256, args.rounds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {rounds} rounds")
     for label, (n_expert, k, width) in LAYERS.items():
+        if args.profile:
+            layer_profile(f"MoE layer {label}, {tokens} tokens", n_expert, k, width, tokens)
+            continue
         layer_race(f"MoE layer {label}, {tokens} tokens", n_expert, k, width, tokens, rounds)
-    model_race(batch, seq_len, rounds)
+    if not args.profile:
+        model_race(batch, seq_len, rounds)
 
 
 if __name__ == "__main__":
