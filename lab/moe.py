@@ -75,12 +75,18 @@ transformers >= 5 in memory                 hub checkpoint (safetensors)   lab
 
 transformers 5 tensors copy unchanged; ``lab.hf.weights`` stacks hub per-expert tensors.
 
+Fused experts: ``fuse_experts(model)`` switches every layer's experts to a path with
+one compiled kernel per expert and direction for the GLU, the gate and their
+gradients (same results; faster training, see ``benchmarks/README.md``); it is off by
+default, and an outer ``torch.compile`` runs it without recompiling.
+
 Routing records: set ``layer.record_routing = True`` (or use ``routing_records(model)``)
 and each forward pass keeps a ``RoutingRecord`` of the last batch in ``layer.routing``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -189,6 +195,8 @@ class Experts(nn.Module):
     ``torch._grouped_mm`` call (auto: on CUDA in bf16 with compute capability >= 9 and
     widths in multiples of 16 bytes, where it is a real grouped kernel; on CPU in torch
     2.13 it works in fp32 but is slower than the loop, so the loop is used).
+    ``fused = True`` (``fuse_experts``) makes ``combine`` take the fused path: gather,
+    experts and scatter in one autograd function with compiled GLU kernels.
     """
 
     use_grouped_mm: bool | None = None  # None: auto
@@ -350,15 +358,10 @@ class GLUKernels:
         return self.eager[name](*tensors)
 
 
-_GLU_KERNELS: dict[tuple[str, float | None], GLUKernels] = {}
-
-
+@functools.cache
 def glu_kernels(activation: str, swiglu_limit: float | None) -> GLUKernels:
     """The kernels of one nonlinearity, shared by every layer that uses it."""
-    key = (activation, swiglu_limit)
-    if key not in _GLU_KERNELS:
-        _GLU_KERNELS[key] = GLUKernels(activation, swiglu_limit)
-    return _GLU_KERNELS[key]
+    return GLUKernels(activation, swiglu_limit)
 
 
 @torch.compiler.disable
