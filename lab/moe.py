@@ -75,13 +75,20 @@ transformers >= 5 in memory                 hub checkpoint (safetensors)   lab
 
 transformers 5 tensors copy unchanged; ``lab.hf.weights`` stacks hub per-expert tensors.
 
+Fused experts: ``fuse_experts(model)`` switches every layer's experts to a path with
+one compiled kernel per expert and direction for the GLU, the gate and their
+gradients (same results; faster training, see ``benchmarks/README.md``); it is off by
+default, and an outer ``torch.compile`` runs it without recompiling.
+
 Routing records: set ``layer.record_routing = True`` (or use ``routing_records(model)``)
 and each forward pass keeps a ``RoutingRecord`` of the last batch in ``layer.routing``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,6 +178,14 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
     return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(SWIGLU_ALPHA * gate)
 
 
+def glu(gate: torch.Tensor, up: torch.Tensor, act: nn.Module, swiglu_limit: float | None):
+    """The experts' gated nonlinearity: ``act(gate) * up``, or GPT-OSS's clamped
+    SwiGLU when ``swiglu_limit`` is set."""
+    if swiglu_limit is not None:
+        return clamped_swiglu(gate, up, swiglu_limit)
+    return act(gate) * up
+
+
 class Experts(nn.Module):
     """``n_expert`` gated MLPs with stacked weights, run on tokens sorted by expert.
 
@@ -181,9 +196,12 @@ class Experts(nn.Module):
     ``torch._grouped_mm`` call (auto: on CUDA in bf16 with compute capability >= 9 and
     widths in multiples of 16 bytes, where it is a real grouped kernel; on CPU in torch
     2.13 it works in fp32 but is slower than the loop, so the loop is used).
+    ``fused = True`` (``fuse_experts``) makes ``combine`` take the fused path: gather,
+    experts and scatter in one autograd function with compiled GLU kernels.
     """
 
     use_grouped_mm: bool | None = None  # None: auto
+    fused: bool = False  # combine() through the fused path (``fuse_experts``)
 
     def __init__(
         self,
@@ -201,8 +219,18 @@ class Experts(nn.Module):
             nn.Parameter(torch.empty(n_expert, 2 * intermediate_size)) if bias else None
         )
         self.fc_2_bias = nn.Parameter(torch.empty(n_expert, n_embd)) if bias else None
+        self.activation = activation
         self.act = registry.activation.get(activation)()
         self.swiglu_limit = swiglu_limit
+
+    def combine(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """``x`` (N, C) -> (N, C): every kept assignment's gated expert output, summed
+        per token (the fused path when ``fused`` is set, else gather, experts, scatter)."""
+        if self.fused:
+            return fused_experts(self, x, dispatch)
+        y = self(x[dispatch.tokens], dispatch.counts)  # (M, C), grouped by expert
+        y = y * dispatch.gates.to(y.dtype)[:, None]
+        return torch.zeros_like(x).index_add_(0, dispatch.tokens, y)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` (M, C) sorted by expert, ``counts`` (E,) rows per expert -> (M, C)."""
@@ -232,9 +260,7 @@ class Experts(nn.Module):
         return torch.cat(outputs)
 
     def _glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.swiglu_limit is not None:
-            return clamped_swiglu(gate, up, self.swiglu_limit)
-        return self.act(gate) * up
+        return glu(gate, up, self.act, self.swiglu_limit)
 
     @staticmethod
     def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
@@ -266,6 +292,150 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
     if y.requires_grad:  # its backward rejects broadcast (stride-0) gradients
         y.register_hook(lambda grad: grad.contiguous())
     return y
+
+
+# --- the fused expert path ---------------------------------------------------------------
+#
+# Eager autograd makes every elementwise step of the experts a pass over memory: SwiGLU's
+# activation and product and their backward, the backward of ``chunk`` (a cat), the
+# gate product and its backward. The fused path keeps the per-expert matmuls (which
+# already run at the machine's peak) and gives each expert one compiled kernel per
+# direction for the rest: ``hg = glu(a) * g`` (the gate folded in, since
+# ``(h @ fc_2.T) * g == (h * g) @ fc_2.T``), and its gradient, which writes the
+# ``[gate | up]`` gradient in place of the cat and the gates' gradient in the same pass.
+# Buffers stay per expert, as in the default path: one large buffer for all experts'
+# rows would be fresh memory from the OS (page faults) on every step. The kernels are
+# compiled once, dynamic in the number of rows, so new routings do not recompile; an
+# outer ``torch.compile`` (``fit(compile=True)``) breaks its graph at the experts
+# (``torch.compiler.disable``) and runs this path as it is, with its own kernels.
+
+
+def fuse_experts(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Switch every MoE layer of ``model`` (or the layer itself) to the fused expert
+    path, or back with ``fused=False``; returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.fused = fused
+    return model
+
+
+class GLUKernels:
+    """The experts' nonlinearity with the gate folded in, ``hg = glu(a) * g`` over
+    (rows, 2I) ``a`` = ``[gate | up]``, and its gradient, compiled on first use.
+
+    Where compiling fails (no C++ compiler, say) it warns once and runs the same
+    functions eagerly: same results, less speed.
+    """
+
+    def __init__(self, activation: str, swiglu_limit: float | None) -> None:
+        act = registry.activation.get(activation)()
+
+        def forward(a: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+            gated = glu(*a.chunk(2, dim=-1), act, swiglu_limit)
+            return gated * gates.to(a.dtype)[:, None]
+
+        def backward(
+            a: torch.Tensor, gates: torch.Tensor, grad: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.func.vjp(forward, a, gates)[1](grad)
+
+        self.eager = {"forward": forward, "backward": backward}
+        self.compiled = {name: torch.compile(fn, dynamic=False) for name, fn in self.eager.items()}
+
+    def __call__(self, name: str, *tensors: torch.Tensor):
+        # one kernel for every row count >= 2, so no recompiles (torch would specialise
+        # a kernel to 1 row; unbacked sizes avoid that but give an 8x slower gradient)
+        if self.compiled is not None and len(tensors[0]) > 1:
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            try:
+                return self.compiled[name](*tensors)
+            except Exception as error:  # any compiler failure; a real fault re-raises eagerly
+                warnings.warn(
+                    f"lab.moe: fused experts run uncompiled, torch.compile failed ({error!r:.200})",
+                    stacklevel=2,
+                )
+                self.compiled = None
+        return self.eager[name](*tensors)
+
+
+@functools.cache
+def glu_kernels(activation: str, swiglu_limit: float | None) -> GLUKernels:
+    """The kernels of one nonlinearity, shared by every layer that uses it."""
+    return GLUKernels(activation, swiglu_limit)
+
+
+@torch.compiler.disable
+def fused_experts(experts: Experts, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """``Experts.combine`` through the fused path (same result, fewer passes)."""
+    return FusedExperts.apply(
+        x, dispatch.tokens, dispatch.gates, dispatch.counts, experts.fc_1, experts.fc_2,
+        experts.fc_1_bias, experts.fc_2_bias, glu_kernels(experts.activation, experts.swiglu_limit),
+    )  # fmt: skip
+
+
+class FusedExperts(torch.autograd.Function):
+    """Gather, experts and scatter with a hand-written backward (see the section
+    comment above), expert by expert; biases may be None."""
+
+    @staticmethod
+    def forward(ctx, x, tokens, gates, counts, fc_1, fc_2, fc_1_bias, fc_2_bias, kernels):
+        sizes = counts.tolist()
+        out = torch.zeros_like(x)
+        saved = []  # per expert: its rows of x, a = [gate | up], hg = the gated GLU
+        pieces = zip(tokens.split(sizes), gates.split(sizes), strict=True)
+        for e, (tokens_e, g_e) in enumerate(pieces):
+            if not len(tokens_e):
+                saved.append(None)
+                continue
+            x_e = x.index_select(0, tokens_e)
+            a = F.linear(x_e, fc_1[e], None if fc_1_bias is None else fc_1_bias[e])
+            hg = kernels("forward", a, g_e)
+            y = hg @ fc_2[e].t()
+            if fc_2_bias is not None:  # the bias is gated too: (h @ fc_2.T + b) * g
+                y.addcmul_(g_e.to(y.dtype)[:, None], fc_2_bias[e])
+            out.index_add_(0, tokens_e, y)
+            saved.append((x_e, a, hg))
+        ctx.save_for_backward(tokens, gates, fc_1, fc_2, fc_2_bias)
+        ctx.sizes, ctx.saved, ctx.kernels = sizes, saved, kernels
+        ctx.biased = fc_1_bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        tokens, gates, fc_1, fc_2, fc_2_bias = ctx.saved_tensors
+        grad_x, grad_gates = torch.zeros_like(grad), torch.empty_like(gates)
+        grad_fc_1, grad_fc_2 = torch.empty_like(fc_1), torch.empty_like(fc_2)
+        grad_b1, grad_b2 = (
+            (fc_1.new_zeros(fc_1.shape[:2]), fc_2.new_zeros(fc_2.shape[:2]))
+            if ctx.biased
+            else (None, None)
+        )
+        pieces = zip(
+            ctx.saved,
+            tokens.split(ctx.sizes),
+            gates.split(ctx.sizes),
+            grad_gates.split(ctx.sizes),
+            strict=True,
+        )
+        for e, (saved, tokens_e, g_e, grad_g_e) in enumerate(pieces):
+            if saved is None:  # no tokens: no gradient
+                grad_fc_1[e], grad_fc_2[e] = 0, 0
+                continue
+            x_e, a, hg = saved
+            dy = grad.index_select(0, tokens_e)  # y was gated through hg: no gate here
+            torch.mm(dy.t(), hg, out=grad_fc_2[e])
+            grad_a, grad_g = ctx.kernels("backward", a, g_e, dy @ fc_2[e])
+            torch.mm(grad_a.t(), x_e, out=grad_fc_1[e])
+            grad_x.index_add_(0, tokens_e, grad_a @ fc_1[e])
+            if ctx.biased:
+                grad_b1[e] = grad_a.sum(0)
+                grad_b2[e] = g_e.to(dy.dtype) @ dy
+                grad_g = grad_g + dy @ fc_2_bias[e]
+            grad_g_e.copy_(grad_g)
+        ctx.saved = None
+        return grad_x, None, grad_gates, None, grad_fc_1, grad_fc_2, grad_b1, grad_b2, None
 
 
 @registry.mlp.register("MoE")
@@ -340,9 +510,7 @@ class MoE(nn.Module):
                 capacity = expert_capacity(B * T, self.n_expert, self.k, self.capacity_factor)
             dispatch, kept = sort_by_expert(indices, gates, self.n_expert, capacity)
             selected_counts = torch.bincount(indices.reshape(-1), minlength=self.n_expert)
-        y = self.experts(x[dispatch.tokens], dispatch.counts)  # (M, C), grouped by expert
-        y = y * dispatch.gates.to(y.dtype)[:, None]
-        out = torch.zeros_like(x).index_add_(0, dispatch.tokens, y)
+        out = self.experts.combine(x, dispatch)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_gate is not None:
