@@ -109,9 +109,13 @@ STOCK = {
 }
 
 
-# MoE variants the formulas leave out: each field must hold this value (read with a
-# default, as older configs lack the fields).
-UNCOUNTED = {"moe_bias": False, "moe_swiglu_limit": None, "shared_expert_gate": False}
+# Variants the formulas leave out (MoE biases, clamps and gates; attention sinks and
+# gates; OLMo 2's norm placement): each field must hold this value (read with a default,
+# as older configs lack the fields).
+UNCOUNTED = {
+    "moe_bias": False, "moe_swiglu_limit": None, "shared_expert_gate": False,
+    "attention_sinks": False, "attention_gate": None, "pre_norm": True, "norm_qk_per_head": True,
+}  # fmt: skip
 
 
 def covers(config: Config) -> bool:
