@@ -65,8 +65,3 @@ def tokenize(tokenizer: Any, text: str, limit: int) -> tuple[torch.Tensor, list[
     else:
         labels = [tokenizer.decode([i]) for i in ids.tolist()]
     return ids[None], labels
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return torch.device("cpu") if param is None else param.device

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from lab import plots
+from lab.params import model_device
 from lab.probe import hook_points, probe
-from lab.widgets.common import View, error_html, model_device, png, tokenize
+from lab.widgets.common import View, error_html, png, tokenize
 
 
 class RoutingView(View):
