@@ -4,18 +4,23 @@ widget renders and responds to the page: a device chosen and a batch size typed
 re-estimate the MemoryView in the kernel; clicking "build" reaches the kernel and hands
 the built config to the MemoryView; a layer picked and a text typed redraw the
 RoutingView; the TrainingView shows the notebook's finished run (curves, step count,
-its stop button turned "finished"); a run started in the background with
-``TrainingView.fit`` stops early when its "stop" button is clicked in the page.
+its stop button turned "finished"); an AttentionView of an untrained copy ("before")
+and one that a short training run refreshes ("after") show different pictures in the
+page; a run started in the background with ``TrainingView.fit`` stops early when its
+"stop" button is clicked in the page.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and ``pip install
 playwright`` (never ``playwright install``: the system browser is used). Without them
 the test skips, except under ``CI=true``, where it fails. Screenshots are written to
 ``artifacts/browser_widgets.png`` (the whole page at the end) and one per view after its
-interactions: ``artifacts/browser_{memory,routing,training,background}_view.png``.
+interactions: ``artifacts/browser_{memory,routing,training,background}_view.png`` and
+``artifacts/browser_attention_before_after.png``.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
 import secrets
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from PIL import Image, ImageChops
 
 if TYPE_CHECKING:  # playwright is optional: the test skips without it
     from playwright.sync_api import Locator, Page
@@ -164,8 +170,10 @@ def test_widgets_render_and_respond_in_chromium(playwright_api, jupyter_lab):
             assert control(page, "model", "select").input_value() == "(given config)"
             assert control(page, "sequence length", "input").input_value() == "64"  # block_size
             # the kernel runs a comm's handler in a thread of its own while a cell executes:
-            # let the last cell finish before driving more views
+            # let the cells finish before driving more views
             output_of(page, 4).get_by_text("step 5/5").wait_for()
+            # (this check waits for the last cell that ran, the one that trains)
+            check_attention_before_after(page, artifacts / "browser_attention_before_after.png")
             check_routing_view(page, artifacts / "browser_routing_view.png")
             check_training_view(page, artifacts / "browser_training_view.png")
             page.evaluate(
@@ -269,11 +277,51 @@ def check_training_view(page: Page, screenshot: Path) -> None:
     view.screenshot(path=str(screenshot))
 
 
+def check_attention_before_after(page: Page, screenshot: Path) -> None:
+    """The cell shows an AttentionView of an untrained copy ("before") and one of the
+    model that 20 steps of training refresh ("after"); both untitled, on one text. Once
+    the cell has run, the page's two heatmaps must differ in their pixels, not only in
+    their bytes: the attention itself changed, and "before" is not the refreshed view."""
+    cell = page.locator(".jp-CodeCell").nth(5)
+    cell.locator(".jp-InputPrompt", has_text=re.compile(r"\[\d+\]")).wait_for()  # it ran
+    view = output_of(page, 5)
+    error = view.locator("[data-mime-type='application/vnd.jupyter.stderr']")
+    assert error.count() == 0, error.first.text_content()  # the cell's asserts: its traceback
+    heatmaps = view.locator(".jupyter-widgets img")  # heatmap, arcs; heatmap, arcs
+    heatmaps.nth(3).wait_for()
+    # about a quarter of the pixels change here; one view shown twice would change none
+    enough, changed = 0.05, 0.0
+    deadline = time.monotonic() + 20  # the last redraw may still be arriving
+    while changed <= enough and time.monotonic() < deadline:
+        before, after = (pixels(heatmaps.nth(i)) for i in (0, 2))
+        assert before.size == after.size, "the two views draw figures of one size"
+        changed = changed_share(before, after)
+        time.sleep(0.5)
+    assert changed > enough, f"before and after heatmaps differ in {changed:.2%} of their pixels"
+    view.screenshot(path=str(screenshot))
+
+
+def pixels(image: Locator) -> Image.Image:
+    """The PIL image that an ``<img>`` of the page shows (its blob or data URL, fetched
+    in the page)."""
+    encoded = image.evaluate(
+        "async img => { const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());"
+        " let s = ''; for (const b of bytes) s += String.fromCharCode(b); return btoa(s); }"
+    )
+    return Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")
+
+
+def changed_share(a: Image.Image, b: Image.Image) -> float:
+    """The share of pixels that differ between two images of one size."""
+    difference = ImageChops.difference(a, b).convert("L").point(lambda v: 255 if v else 0)
+    return difference.histogram()[255] / (a.width * a.height)
+
+
 def check_background_stop(page: Page, screenshot: Path) -> None:
     """The last cell trains 20,000 steps in a background thread, so the kernel is idle
     and handles the click: "stop" ends the run after its current step, long before the
     end, and the status says where it stopped."""
-    view = output_of(page, 5)
+    view = output_of(page, 6)
     status = view.locator(".widget-html-content")
     # past step 9: under nbval the cell clicks at step 5 itself, so a run stopped later
     # was stopped by the page

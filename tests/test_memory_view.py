@@ -1,5 +1,7 @@
 """MemoryView driven as a user would, and the stacked-breakdown plot it draws."""
 
+import base64
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -97,6 +99,17 @@ def test_invalid_choices_show_inline_and_the_view_recovers():
     assert "custom (GiB) (-1.0) must be positive" in view.error.value
     view.custom_gib.value = 0.5
     assert view.error.value == "" and "of 512.00 MiB" in view.verdict.value
+
+
+def test_the_display_carries_the_current_figure_for_front_ends_without_widgets():
+    view = MemoryView("Llama-3.2-1B", device="T4 16 GB")
+    bundle = view._repr_mimebundle_()
+    assert bundle["text/plain"] == repr(view)
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]) == view.image.value  # the figure drawn
+    view.batch_size.value = 4
+    assert base64.b64decode(view._repr_mimebundle_()["image/png"]) == view.image.value
+    assert view.image.value[:4] == b"\x89PNG"
 
 
 def test_a_config_from_the_composer():

@@ -327,6 +327,9 @@ class MemoryView(View):
             self.verdict.value += f"<br>measured allocator peak: {format_bytes(measured.peak)}"
         return measured
 
+    def picture(self) -> bytes | None:
+        return self.image.value or None
+
     def __repr__(self) -> str:
         config = self._base_config()
         if self.estimate is None or self.error.value:
