@@ -36,6 +36,7 @@ from lab.finetune import lora
 from lab.finetune.adapter import apply_adapter, mark_only_adapter_as_trainable
 from lab.finetune.adapter_v2 import apply_adapter_v2
 from lab.formulas import DTYPES, OPTIMIZERS, FineTuning, choice
+from lab.loss import chunked_cross_entropy
 from lab.model import GPT
 
 # Operations whose output shape or value depends on the data (a mixture of experts
@@ -237,11 +238,13 @@ def _record_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_forward: Callable[[], None] | None = None,
     repeats: _Repeats | None = None,
+    loss_chunk_size: int | None = None,
 ) -> tuple[MemoryBreakdown, _SavedTensors]:
     """One training step of ``model`` on ``batch``; what it kept, part by part (the
     optimizer's state only when one is given), and the recorder (for block inputs).
     ``on_forward`` is called between the forward and the backward pass; ``repeats``
-    runs each distinct block once (on fake tensors only)."""
+    runs each distinct block once (on fake tensors only); ``loss_chunk_size`` computes
+    the loss with ``lab.loss.chunked_cross_entropy`` (no full logits)."""
     x, y = batch
     params = list(model.parameters())
     device = params[0].device if params else x.device
@@ -256,9 +259,13 @@ def _record_step(
         model.zero_grad(set_to_none=True)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), context:
             with repeats.wrap(blocks, saved) if repeats else nullcontext():
-                logits = model(x)
+                out = model(x) if loss_chunk_size is None else model.hidden_states(x)
             saved.bucket = "loss"
-            loss = loss_fn(logits, y)
+            if loss_chunk_size is None:
+                loss, logits_bytes = loss_fn(out, y), out.untyped_storage().nbytes()
+            else:  # the head runs a chunk at a time: no (B, T, V) tensor is kept
+                loss = chunked_cross_entropy(out, model.head, y, loss_chunk_size) / y.numel()
+                logits_bytes = 0
         if on_forward is not None:
             on_forward()
         loss.backward()
@@ -286,7 +293,7 @@ def _record_step(
         ),
         activations=sum(per_layer) + saved.total("other"),
         activations_per_layer=per_layer,
-        logits=logits.untyped_storage().nbytes() + saved.total("loss"),
+        logits=logits_bytes + saved.total("loss"),
         trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
     )
     model.zero_grad(set_to_none=True)
@@ -320,6 +327,7 @@ def measure_memory(
     precision: str = "32-true",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     memory_history: str | Path | None = None,
+    loss_chunk_size: int | None = None,
 ) -> MemoryBreakdown:
     """Run one training step of ``model`` on ``batch = (x, y)`` and measure what
     ``estimate_memory`` estimates, from the tensors themselves:
@@ -337,9 +345,13 @@ def measure_memory(
     ``precision`` ``*-mixed`` runs the forward pass under ``torch.autocast``; for
     ``*-true`` convert the model first (``model.to(torch.bfloat16)``). ``optimizer``
     is a name (as for ``estimate_memory``; ``sgd`` with momentum) or an optimizer
-    over the model's trainable parameters. The model's gradients are cleared after.
+    over the model's trainable parameters. ``loss_chunk_size`` computes the loss as
+    ``fit(..., loss_chunk_size=...)`` does (``lab.loss``; the model needs
+    ``hidden_states`` and ``head``). The model's gradients are cleared after.
     """
     choice("precision", precision, DTYPES)
+    if loss_chunk_size is not None and loss_fn is not None:
+        raise ValueError("pass loss_fn or loss_chunk_size, not both")
     params = list(model.parameters())
     want, autocast = DTYPES[precision]
     if autocast is None and any(p.dtype != want for p in params):
@@ -357,7 +369,9 @@ def measure_memory(
         if memory_history is not None:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
     try:
-        result, _ = _record_step(model, batch, precision, optimizer, loss_fn)
+        result, _ = _record_step(
+            model, batch, precision, optimizer, loss_fn, loss_chunk_size=loss_chunk_size
+        )
         if cuda:
             torch.cuda.synchronize(device)
             result.peak = torch.cuda.max_memory_allocated(device)
@@ -458,6 +472,7 @@ def estimate_memory(
     lora_targets: Iterable[str] = lora.DEFAULT_TARGETS,
     adapter_prompt_length: int = 10,
     adapter_start_layer: int = 2,
+    loss_chunk_size: int | None = None,
 ) -> MemoryBreakdown:
     """Memory of one training step (or, with ``finetune="none"``, of inference with a
     KV cache of ``seq_len`` positions) of ``GPT(config)``, from a step on fake tensors.
@@ -479,6 +494,10 @@ def estimate_memory(
       ``lab.adapter``, ``lab.adapter_v2`` and frozen as for training.
     - ``fused_attention=False``: attention materialises its scores (the path a probe's
       ``attention_hook`` takes).
+    - ``loss_chunk_size``: the loss as ``lab.loss.chunked_cross_entropy`` computes it
+      (``fit(..., loss_chunk_size=...)``): the head runs a chunk of tokens at a time and
+      again in the backward pass, so no (B, T, vocab) logits are kept (``logits`` then
+      counts what the loss keeps: the final hidden states).
 
     Temporaries of the backward pass (a layer's gradients in flight) are not counted;
     inference counts the largest block's saved tensors as its working set. A mixture
@@ -496,7 +515,7 @@ def estimate_memory(
     try:
         return _fake_step(
                 config, batch_size, seq_len, precision, optimizer,
-                activation_checkpointing, fused_attention, method,
+                activation_checkpointing, fused_attention, method, loss_chunk_size,
             )  # fmt: skip
     except DATA_DEPENDENT:
         require_formulas(config, "measure_memory(model, batch)")
@@ -513,12 +532,15 @@ def fake_step(
     seq_len: int,
     precision: str = "32-true",
     on_forward: Callable[[], None] | None = None,
+    loss_chunk_size: int | None = None,
 ) -> tuple[MemoryBreakdown, _SavedTensors, dict[int, int]]:
     """A training step of a fake ``model`` (``fake_model``; run under its mode) on ``batch_size`` sequences of ``seq_len`` tokens, each distinct block run once:
     what it kept, the recorder, and which blocks repeat which (``_Repeats.runs``)."""
     x = torch.zeros(batch_size, seq_len, dtype=torch.long)
     repeats = _Repeats()
-    step, saved = _record_step(model, (x, x), precision, None, None, on_forward, repeats)
+    step, saved = _record_step(
+        model, (x, x), precision, None, None, on_forward, repeats, loss_chunk_size
+    )
     return step, saved, repeats.runs
 
 
@@ -531,6 +553,7 @@ def _fake_step(
     activation_checkpointing: bool,
     fused_attention: bool,
     method: FineTuning,
+    loss_chunk_size: int | None,
 ) -> MemoryBreakdown:
     model, mode = fake_model(config, precision, method)
     if not fused_attention:  # the probe's path: scores materialised
@@ -538,7 +561,7 @@ def _fake_step(
             if hasattr(module, "attention_hook"):
                 module.attention_hook = lambda name, t: t
     with mode:
-        step, saved, _ = fake_step(model, batch_size, seq_len, precision)
+        step, saved, _ = fake_step(model, batch_size, seq_len, precision, None, loss_chunk_size)
         if method.method == "none":
             model.set_kv_cache(batch_size, seq_len)
     if method.method == "none":

@@ -315,3 +315,15 @@ def test_every_precision_fit_accepts_is_estimated() -> None:
     from lab.train import PRECISIONS
 
     assert set(PRECISIONS) <= set(formulas.DTYPES)
+
+
+def test_a_chunked_loss_keeps_no_logits_estimated_as_measured() -> None:
+    config = Config(**dict(SMALL, vocab_size=4096))  # a vocabulary that dominates
+    plain = measure_memory(GPT(config), batch(config))
+    chunked = measure_memory(GPT(config), batch(config), loss_chunk_size=16)
+    estimate = estimate_memory(config, B, T, loss_chunk_size=16)
+    assert chunked.logits < plain.logits / 20  # B*T*V fp32 logits and log-softmax gone
+    assert chunked.logits >= B * T * config.n_embd * 4  # the final hidden states stay
+    assert_close(estimate, chunked, rel=0.02)
+    with pytest.raises(ValueError, match="not both"):
+        measure_memory(GPT(config), batch(config), loss_fn=lambda a, b: a.sum(), loss_chunk_size=8)
