@@ -59,13 +59,14 @@ def train_step_fn(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch
 
+    micro = MicroSteps(model, x.device, None, compile=True) if compiled == "lab" else None
+
     def loss_fn(model, x, y) -> torch.Tensor:
+        if micro is not None:  # summed over tokens, as fit computes it
+            return micro.loss(model, x, y) / y.numel()
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-    if compiled == "lab":
-        micro = MicroSteps(model, x.device, None, compile=True)
-        loss_fn = lambda model, x, y: micro.loss(model, x, y) / y.numel()  # noqa: E731
-    elif compiled == "torch":
+    if compiled == "torch":
         loss_fn = torch.compile(loss_fn)
 
     def step() -> None:
