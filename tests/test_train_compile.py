@@ -9,6 +9,10 @@ controls (guards, recompiles, fallbacks, MoE, adapters, callbacks) in seconds.
 import functools
 import warnings
 
+import matplotlib
+
+matplotlib.use("Agg")
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +23,7 @@ from lab.finetune.adapter import apply_adapter
 from lab.finetune.lora import apply_lora
 from lab.train import fit
 from lab.train.batches import summed_loss
+from lab.widgets import TrainingView
 
 VOCAB, T = 64, 16
 
@@ -126,19 +131,19 @@ def test_moe_compiles_around_the_dispatch_once(aot_eager):
     torch.testing.assert_close(compiled.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
-def test_adapters_and_callbacks_run_compiled(aot_eager, method):
-    def adapted() -> nn.Module:
-        model = tiny(n_layer=2)
-        if method == "lora":
-            return apply_lora(model, r=2, targets=["query", "value"])
+def test_adapters_and_callbacks_run_compiled(aot_eager):
+    def adapted() -> nn.Module:  # LoRA and LLaMA-Adapter at once: one compilation for both
+        model = apply_lora(tiny(n_layer=2), r=2, targets=["query", "value"])
         return apply_adapter(model, prompt_length=2, start_layer=1)
 
-    steps = []
+    steps, view = [], TrainingView(interval=0)
     eager = run(adapted())
     before = graphs()
-    compiled = run(adapted(), compile=True, callbacks=[lambda state: steps.append(state.step)])
-    assert graphs() > before and steps == [1, 2, 3, 4]
+    compiled = run(
+        adapted(), compile=True, callbacks=[view, lambda state: steps.append(state.step)]
+    )
+    assert graphs() > before and steps == [1, 2, 3, 4]  # compiled, and the callback every step
+    assert repr(view) == f"TrainingView(step 4/4, loss {compiled.loss[-1]:.3f})"
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
 
 
