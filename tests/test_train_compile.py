@@ -186,3 +186,9 @@ def test_chunked_loss_needs_hidden_states_and_head():
         run(Logits(), loss_chunk_size=8)
     with pytest.raises(ValueError, match="loss_chunk_size=0"):
         run(tiny(), loss_chunk_size=0)
+
+
+@pytest.mark.parametrize("option", [{"compile": True}, {"loss_chunk_size": 8}])
+def test_multi_device_runs_refuse_what_they_do_not_support_yet(option):
+    with pytest.raises(ValueError, match="run on one device for now"):
+        fit(tiny(), data(), steps=1, batch_size=4, devices=2, **option)
