@@ -10,6 +10,7 @@ against this machine's measured fp32 matmul peak.
     python -m benchmarks.bench_model             # 1 thread, the steadiest
     python -m benchmarks.bench_model --threads 2 --rounds 7
     python -m benchmarks.bench_model --quick     # a smoke run
+    python -m benchmarks.bench_model --compile --train-only   # compiled training steps too
 
 Needs the bench extra: pip install -e ".[bench]".
 """
@@ -17,7 +18,9 @@ Needs the bench extra: pip install -e ".[bench]".
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -28,6 +31,7 @@ from litgpt.model import GPT as LitGPT
 from benchmarks.common import litgpt_state, race, speedup
 from lab import GPT, Config
 from lab.flops import flops_per_token, measure_cpu_peak_flops
+from lab.train.compiled import MicroSteps
 
 SHARED = dict(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096)
 ARCHITECTURES = {
@@ -46,17 +50,38 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
-def train_step_fn(model, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+def train_step_fn(
+    model, batch: tuple[torch.Tensor, torch.Tensor], compiled: str = ""
+) -> Callable[[], None]:
+    """Forward, mean cross-entropy, backward, AdamW. ``compiled="lab"``: forward, loss
+    and backward as ``fit(..., compile=True)`` runs them (``lab.train.compiled``);
+    ``"torch"``: the same function through a plain ``torch.compile`` (LitGPT's recipe)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch
 
+    micro = MicroSteps(model, x.device, None, compile=True) if compiled == "lab" else None
+
+    def loss_fn(model, x, y) -> torch.Tensor:
+        if micro is not None:  # summed over tokens, as fit computes it
+            return micro.loss(model, x, y) / y.numel()
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    if compiled == "torch":
+        loss_fn = torch.compile(loss_fn)
+
     def step() -> None:
-        logits = model(x)
-        F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        loss_fn(model, x, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def first_call(fn: Callable[[], None]) -> float:
+    """Seconds of ``fn``'s first call (for a compiled step: mostly compilation)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def forward_fn(model, x: torch.Tensor) -> Callable[[], None]:
@@ -91,6 +116,16 @@ def report(task: str, tokens: int, times: dict[str, list[float]], flops: float, 
         f"  {task:<9} lab {lab_tps:>10,.0f} tok/s   litgpt {lit_tps:>10,.0f} tok/s   "
         f"lab/litgpt {speedup(times)}" + (f"   lab MFU {mfu:.0%}" if flops else "")
     )
+    if "lab compiled" in times:
+        lab_c, lit_c = (
+            tokens / statistics.median(times[k]) for k in ("lab compiled", "litgpt compiled")
+        )
+        print(
+            f"  {'compiled':<9} lab {lab_c:>10,.0f} tok/s   litgpt {lit_c:>10,.0f} tok/s   "
+            f"lab compiled/litgpt eager {speedup(times, 'lab compiled')}   "
+            f"lab compiled/litgpt compiled {speedup(times, 'lab compiled', 'litgpt compiled')}"
+            f"   lab MFU {lab_c * flops / peak:.0%}"
+        )
 
 
 def main() -> None:
@@ -100,6 +135,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument(
+        "--compile", action="store_true", help="also race compiled training steps of both"
+    )
+    parser.add_argument("--train-only", action="store_true", help="only the training step")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.batch, args.seq = 2, 2, 64
@@ -125,8 +164,21 @@ def main() -> None:
         )
         tokens = args.batch * args.seq
         models = {"lab": lab_model, "litgpt": lit_model}
-        train = race({k: train_step_fn(m, (x, y)) for k, m in models.items()}, args.rounds, 2)
+        steps = {k: train_step_fn(m, (x, y)) for k, m in models.items()}
+        if args.compile:  # copies of the models, so every contestant starts from the same weights
+            for name, compiled in (("lab", "lab"), ("litgpt", "torch")):
+                steps[f"{name} compiled"] = train_step_fn(
+                    copy.deepcopy(models[name]), (x, y), compiled
+                )
+            seconds = {k: first_call(steps[k]) for k in ("lab compiled", "litgpt compiled")}
+            print(
+                "  first step, compiling: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+            )
+        train = race(steps, args.rounds, 2)
         report("train", tokens, train, flops_per_token(config, args.seq, True), peak)
+        if args.train_only:
+            continue
         forward = race({k: forward_fn(m, x) for k, m in models.items()}, args.rounds, 3)
         report("forward", tokens, forward, flops_per_token(config, args.seq, False), peak)
         new = 16 if args.quick else 64

@@ -248,11 +248,14 @@ def _decode(
                     mask = _attention_mask(real, L + step, causal=False)
                     logits = model(x, **_mask_kwarg(mask))[:, -1]
                 token = sample(logits[:, :vocab_size], **sampling)
-                stopped = torch.isin(token, stop_tokens)
-                yield token.masked_fill(finished | stopped, FINISHED)
-                finished |= stopped
-                if len(stop_tokens) and bool(finished.all()):
-                    return
+                if len(stop_tokens):  # (no per-step ops when nothing can stop)
+                    stopped = torch.isin(token, stop_tokens)
+                    yield token.masked_fill(finished | stopped, FINISHED)
+                    finished |= stopped
+                    if bool(finished.all()):
+                        return
+                else:
+                    yield token
                 if use_cache:
                     x, input_pos = token[:, None], input_pos[-1:] + 1
                 else:
@@ -309,9 +312,13 @@ def compiled_step() -> Callable[..., torch.Tensor]:
     def step(*args, may_compile: bool) -> torch.Tensor:
         """``may_compile``: this call may (re)compile, so inductor's options must be set
         (read while compiling, and ``torch.compile(options=...)`` does not reach
-        freezing); setting them costs ~30 us, a few % of a step, so only then."""
+        freezing); setting them costs ~30 us, a few % of a step, so only then.
+        Otherwise the call repeats the previous one but for the token and position, so
+        dynamo skips evaluating its guards (``skip_guard_eval_unsafe``: only those that
+        tell its compiled variants apart), which were ~10 % of a batch-1 step."""
         if not may_compile:
-            return compiled(*args)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return compiled(*args)
         with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
             return compiled(*args)
 

@@ -28,6 +28,7 @@ The parts, one idea each:
     batches.py      the data protocol, each rank's micro-batches, the loss
     engine.py       the Engine interface the loop runs on; LocalEngine (one device)
     loop.py         the loop itself, as short steps (Run)
+    compiled.py     the model's part of a step, eager or through torch.compile
     checkpoints.py  training checkpoints: lab checkpoint directories plus training state
     fabric.py       FabricEngine: the Engine on Lightning Fabric (DDP, FSDP)
     distributed.py  multi-device runs: launched, joined under torchrun, or forked from
@@ -99,6 +100,8 @@ def fit(
     strategy: str | None = None,
     accelerator: str = "auto",
     num_nodes: int = 1,
+    compile: bool = False,
+    loss_chunk_size: int | None = None,
 ) -> History:
     """Train ``model`` (token ids (B, T) -> logits (B, T, V)) on ``data``; return the History.
 
@@ -147,6 +150,16 @@ def fit(
     worker's error is raised with its traceback as a note. Forking needs a platform
     with fork (not Windows), CUDA unused in the kernel before the call, and one machine;
     CPU workers run one thread each.
+
+    Speed and memory (one device): ``compile=True`` runs each micro-batch's forward,
+    loss and backward through ``torch.compile`` (see ``lab.train.compiled``): the same
+    losses to float rounding, faster after a first step that compiles (tens of seconds
+    on a CPU); it falls back to eager, with a warning saying why, where it cannot
+    compile. ``loss_chunk_size`` computes the loss ``loss_chunk_size`` tokens at a time
+    (``lab.loss.chunked_cross_entropy``, for models with ``hidden_states`` and
+    ``head`` such as ``lab.GPT``): the full (batch, seq_len, vocab) logits are never
+    held, which matters for large vocabularies, at the cost of recomputing the head
+    in the backward pass.
     """
     if block_size is None:
         block_size = getattr(getattr(model, "config", None), "block_size", None)
@@ -157,7 +170,7 @@ def fit(
         eval_steps=eval_steps, target=target,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         checkpoint_every=checkpoint_every, keep_last=keep_last, progress=progress, seed=seed,
-        block_size=block_size, resume=resume,
+        block_size=block_size, resume=resume, compile=compile, loss_chunk_size=loss_chunk_size,
     )  # fmt: skip
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; choose one of {PRECISIONS}")
@@ -166,6 +179,11 @@ def fit(
         return train(LocalEngine(device, precision), model, data, settings, callbacks)
     if device is not None:
         raise ValueError("pass accelerator= (and devices=) for multi-device runs, not device=")
+    if compile or loss_chunk_size is not None:
+        raise ValueError(
+            "compile=True and loss_chunk_size run on one device for now; leave them out "
+            "for multi-device runs (devices, strategy, torchrun)"
+        )
     from lab.train.distributed import fit_distributed  # imports Lightning Fabric: only when needed
 
     return fit_distributed(

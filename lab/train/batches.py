@@ -21,10 +21,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lab.data import IGNORE_INDEX
+from lab.loss import chunked_cross_entropy, cross_entropy_sum
 from lab.train.engine import Engine
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -67,8 +66,39 @@ def micro_batches(batch: Batch, engine: Engine, accum: int) -> Iterator[Batch]:
         )
 
 
-def summed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """Cross-entropy summed over labelled positions, and the logits."""
+def summed_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Cross-entropy summed over labelled positions. With ``chunk_size``, the head and
+    the loss run ``chunk_size`` tokens at a time (``lab.loss.chunked_cross_entropy``,
+    through ``model.hidden_states`` and ``model.head``), never holding the full logits."""
+    if chunk_size is not None:
+        return chunked_cross_entropy(model.hidden_states(x), model.head, y, chunk_size)
+    return cross_entropy_sum(checked_logits(model, x, y), y)
+
+
+def labelled_sums(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
+    """(summed cross-entropy, correct next-token predictions) over labelled positions,
+    without gradients; with ``chunk_size``, one chunk of logits at a time."""
+    if chunk_size is None:
+        pieces = [(checked_logits(model, x, y), y)]
+    else:
+        hidden = model.hidden_states(x).flatten(0, 1)
+        pieces = [
+            (model.head(h), t)
+            for h, t in zip(hidden.split(chunk_size), y.flatten().split(chunk_size), strict=True)
+        ]
+    sums = [
+        torch.stack([cross_entropy_sum(logits, t), (logits.argmax(-1) == t).sum().float()])
+        for logits, t in pieces
+    ]
+    return torch.stack(sums).sum(0)
+
+
+def checked_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, which must be logits (B, T, V) for targets ``y`` (B, T)."""
     logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.shape[:2] != y.shape:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -76,10 +106,20 @@ def summed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any
             f"model(x) returned {got} for x of shape {tuple(x.shape)}; fit needs logits of "
             "shape (batch, seq_len, vocab_size)"
         )
-    loss = F.cross_entropy(
-        logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return logits, loss
+    return logits
+
+
+def check_chunked_loss(model: nn.Module, chunk_size: int | None) -> None:
+    """``loss_chunk_size`` needs a model split as ``head(hidden_states(x))`` (``lab.GPT``)."""
+    missing = [
+        name for name in ("hidden_states", "head") if not callable(getattr(model, name, None))
+    ]
+    if chunk_size is not None and missing:
+        raise ValueError(
+            f"loss_chunk_size={chunk_size} needs model.hidden_states(x) and model.head(h) "
+            f"(as lab.GPT has); {type(model).__name__} lacks {' and '.join(missing)}: "
+            "pass loss_chunk_size=None, or give the model both methods"
+        )
 
 
 def moe_auxiliary_loss(model: nn.Module) -> Callable[[nn.Module], torch.Tensor] | None:

@@ -33,11 +33,12 @@ from lab.train.batches import (
     Batch,
     Sampler,
     as_sampler,
+    check_chunked_loss,
     micro_batches,
     moe_auxiliary_loss,
-    summed_loss,
 )
 from lab.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from lab.train.compiled import MicroSteps
 from lab.train.engine import Engine
 from lab.train.optim import SCHEDULES, learning_rate, optimizer_groups
 from lab.train.state import History, Hook, TrainState, split_callbacks
@@ -67,12 +68,14 @@ class Settings:
     seed: int
     block_size: int | None  # window length for get_batch streams
     resume: bool | str | os.PathLike[str]
+    compile: bool = False  # the model's part of each step through torch.compile
+    loss_chunk_size: int | None = None  # lab.loss.chunked_cross_entropy's chunk, or None
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
         positive |= {"grad_accum_steps": self.grad_accum_steps, "eval_steps": self.eval_steps}
         positive |= {"keep_last": self.keep_last}
-        for name in ("eval_every", "checkpoint_every", "grad_clip"):
+        for name in ("eval_every", "checkpoint_every", "grad_clip", "loss_chunk_size"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():
@@ -113,11 +116,12 @@ def train(
     run.resume()
     progress = Progress(s.steps, run.step, s.progress and engine.is_global_zero)
     try:
-        while run.step < s.steps and not run.state.should_stop:
-            run.record(run.optimizer_step(), progress)
-            run.evaluate()
-            run.agree_to_stop()
-            run.checkpoint()
+        with run.micro.prepared():
+            while run.step < s.steps and not run.state.should_stop:
+                run.record(run.optimizer_step(), progress)
+                run.evaluate()
+                run.agree_to_stop()
+                run.checkpoint()
         run.history.stopped = run.history.stopped or (
             "stopped" if run.state.should_stop else "finished"
         )
@@ -147,6 +151,8 @@ class Run:
         self.sample = as_sampler(data, s.block_size)
         self.on_step, self.on_eval = split_callbacks(callbacks)
         self.auxiliary_loss = moe_auxiliary_loss(model)
+        check_chunked_loss(model, s.loss_chunk_size)
+        self.micro = MicroSteps(model, engine.device, s.loss_chunk_size, s.compile)
         torch.manual_seed(s.seed + engine.global_rank)  # dropout: independent masks per rank
         self.generator = torch.Generator().manual_seed(s.seed)  # data: the same on every rank
         model.train()
@@ -221,7 +227,7 @@ class Run:
         sums = torch.zeros(2, device=engine.device)  # CE, auxiliary loss
         for i, (x, y) in enumerate(micro_batches(batch, engine, accum)):
             with engine.no_backward_sync(self.model, enabled=i < accum - 1), engine.autocast():
-                _, loss = summed_loss(self.model, x, y)
+                loss = self.micro.loss(self.model, x, y)
                 loss = loss * (engine.world_size / labelled.to(loss.device))
                 aux = None if self.auxiliary_loss is None else self.auxiliary_loss(self.raw_model)
                 engine.backward(loss if aux is None else loss + aux / accum)
@@ -265,7 +271,7 @@ class Run:
         s = self.s
         if s.eval_every is None or (self.step % s.eval_every and self.step != s.steps):
             return
-        self.state.metrics = _evaluate(self.engine, self.model, self.sample, s)
+        self.state.metrics = _evaluate(self.engine, self.model, self.micro, self.sample, s)
         self.history.evals.append({"step": self.step, **self.state.metrics})
         self._call(self.on_eval)
         if s.reached(self.state.metrics):
@@ -296,7 +302,9 @@ class Run:
 
 
 @torch.no_grad()
-def _evaluate(engine: Engine, model: nn.Module, sample: Sampler, s: Settings) -> dict[str, float]:
+def _evaluate(
+    engine: Engine, model: nn.Module, micro: MicroSteps, sample: Sampler, s: Settings
+) -> dict[str, float]:
     """Token-weighted loss and accuracy on ``eval_steps`` validation batches, the same
     batches at every evaluation (their generator is re-seeded) so values compare."""
     model.eval()
@@ -306,10 +314,9 @@ def _evaluate(engine: Engine, model: nn.Module, sample: Sampler, s: Settings) ->
         batch = sample("val", s.batch_size, generator)
         for x, y in micro_batches(batch, engine, s.grad_accum_steps):
             with engine.autocast():
-                logits, loss = summed_loss(model, x, y)
-            labelled = y != IGNORE_INDEX
-            correct = (logits.argmax(-1) == y)[labelled].sum()
-            totals += torch.stack([loss.float(), correct.float(), labelled.sum().float()])
+                loss_and_correct = micro.sums(model, x, y).float()
+            labelled = (y != IGNORE_INDEX).sum().float()
+            totals += torch.cat([loss_and_correct, labelled.reshape(1)])
     loss_sum, correct, labelled = engine.all_reduce_sum(totals).tolist()
     model.train()
     return {"val_loss": loss_sum / labelled, "val_accuracy": correct / labelled}
