@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from decoding import assert_cache_equals_recomputation
 
 from lab import GPT, Config
 from lab.deltanet import GatedDeltaNet, gated_delta_rule_chunked, gated_delta_rule_recurrent
@@ -138,14 +139,8 @@ def test_state_cache_decoding_equals_full_recomputation(overrides):
     torch.manual_seed(0)
     model = GPT(hybrid(**overrides)).eval()
     idx = torch.randint(0, 61, (2, 80))  # longer than a chunk
-    with torch.no_grad():
-        full = model(idx)
-        model.set_kv_cache(batch_size=2)
-        pieces = [model(idx[:, :70], input_pos=torch.arange(70))]  # prefill: chunked
-        pieces.append(model(idx[:, 70:73], input_pos=torch.arange(70, 73)))  # 3 at once
-        for t in range(73, 80):  # one at a time: recurrent
-            pieces.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    # a chunked prefill of 70, 3 tokens at once, then the recurrent step one at a time
+    assert_cache_equals_recomputation(model, idx, prompt=70, chunk=3)
 
 
 def test_the_cache_has_the_same_size_at_every_length():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from decoding import assert_cache_equals_recomputation
 
 from lab import GPT, Config, ConfigError
 from lab.cache_size import CacheSize, kv_cache_size
@@ -130,15 +131,7 @@ VARIANTS = {
 def test_latent_cache_decoding_equals_full_recomputation(name):
     torch.manual_seed(0)
     model = GPT(mla_config(**VARIANTS[name])).eval()
-    idx = torch.randint(0, 61, (2, 14))
-    with torch.no_grad():
-        full = model(idx)
-        model.set_kv_cache(batch_size=2)
-        pieces = [model(idx[:, :5], input_pos=torch.arange(5))]
-        pieces.append(model(idx[:, 5:8], input_pos=torch.arange(5, 8)))
-        for t in range(8, 14):
-            pieces.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert_cache_equals_recomputation(model, torch.randint(0, 61, (2, 14)))
 
 
 def test_the_cache_holds_the_latent_and_the_rotary_key_only():

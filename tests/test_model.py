@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from decoding import assert_cache_equals_recomputation
 
 from lab import GPT, Block, CausalSelfAttention, Config, ConfigError, GatedMLP, RMSNorm
 from lab.model import causal_mask
@@ -50,17 +51,7 @@ def tiny(**overrides) -> Config:
 def test_kv_cache_decoding_equals_full_recomputation(name):
     torch.manual_seed(0)
     model = GPT(tiny(**VARIANTS[name])).eval()
-    idx = torch.randint(0, 61, (2, 14))
-    with torch.no_grad():
-        full = model(idx)
-        model.set_kv_cache(batch_size=2)
-        # a prompt of 5 in one go, then 3 tokens in a chunk, then one at a time
-        pieces = [model(idx[:, :5], input_pos=torch.arange(5))]
-        pieces.append(model(idx[:, 5:8], input_pos=torch.arange(5, 8)))
-        for t in range(8, 14):
-            pieces.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
-        model.clear_kv_cache()
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert_cache_equals_recomputation(model, torch.randint(0, 61, (2, 14)))
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from decoding import assert_cache_equals_recomputation
 
 from lab import GPT, CausalSelfAttention, Config, ConfigError, probe
 from lab.generate import generate
@@ -102,13 +103,7 @@ def test_kv_cache_decoding_equals_full_recomputation(name):
         for block in model.transformer.h:  # nonzero sinks
             if block.attn.sinks is not None:
                 block.attn.sinks.normal_()
-        full = model(idx)
-        model.set_kv_cache(batch_size=2)
-        pieces = [model(idx[:, :5], input_pos=torch.arange(5))]
-        pieces.append(model(idx[:, 5:8], input_pos=torch.arange(5, 8)))
-        for t in range(8, 14):
-            pieces.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert_cache_equals_recomputation(model, idx)
 
 
 def test_generation_with_sinks_and_gates_equals_recomputation():
