@@ -92,6 +92,28 @@ def test_falls_back_to_eager_without_a_cpp_compiler():
     assert len(caught) == 1 and compiled.loss == eager.loss
 
 
+def test_an_interrupted_compiled_run_resumes_exactly(tmp_path, aot_eager):
+    # The checkpoints of a compiled run must hold the model's own names (no wrapper
+    # prefix) and the whole training state, so that resuming, compiled again, replays
+    # the uninterrupted run bit for bit.
+    kwargs = dict(steps=6, checkpoint_every=2, compile=True)
+    straight_model = tiny()
+    straight = run(straight_model, checkpoint_dir=tmp_path / "a", **kwargs)
+
+    def interrupt(state):
+        if state.step == 3:
+            raise KeyboardInterrupt
+
+    first = run(tiny(), checkpoint_dir=tmp_path / "b", callbacks=[interrupt], **kwargs)
+    assert first.stopped == "interrupted" and first.step[-1] == 3
+    resumed_model = tiny(seed=1)  # other weights: everything comes from step 2's checkpoint
+    resumed = run(resumed_model, checkpoint_dir=tmp_path / "b", **kwargs)
+    assert resumed.step == list(range(1, 7)) and resumed.stopped == "finished"
+    assert resumed.loss == straight.loss and resumed.grad_norm == straight.grad_norm
+    for mine, theirs in zip(resumed_model.parameters(), straight_model.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
 class Untraceable(nn.Module):
     """An MLP that reads a value back to Python: dynamo cannot trace it in one graph."""
 
