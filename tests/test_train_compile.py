@@ -21,6 +21,7 @@ import lab.train.compiled
 from lab import GPT, Config, registry
 from lab.finetune.adapter import apply_adapter
 from lab.finetune.lora import apply_lora
+from lab.moe import Experts
 from lab.train import fit
 from lab.train.batches import summed_loss
 from lab.widgets import TrainingView
@@ -140,15 +141,20 @@ def test_falls_back_to_eager_once_for_a_component_that_does_not_trace(aot_eager)
 
 def test_moe_compiles_around_the_dispatch_once(aot_eager):
     moe = dict(mlp_class_name="MoE", n_expert=4, n_expert_per_token=2, moe_intermediate_size=16)
-    seen = []
+    seen, fused = [], []
     eager = run(tiny(**moe), steps=6)
+    model = tiny(**moe)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+
+    def watch(state) -> None:
+        seen.append(graphs())
+        fused.append(all(e.fused for e in experts))
+
     before = graphs()
     with warnings.catch_warnings(record=True) as caught:
-        compiled = run(
-            tiny(**moe), steps=6, compile=True, eval_every=3, eval_steps=1,
-            callbacks=[lambda state: seen.append(graphs())],
-        )  # fmt: skip
+        compiled = run(model, steps=6, compile=True, eval_every=3, eval_steps=1, callbacks=[watch])
     assert not [w for w in caught if "fit(compile=True)" in str(w.message)]  # no fallback
+    assert all(fused) and not any(e.fused for e in experts)  # fused experts for the run only
     assert seen[0] > before  # the dense parts compiled
     # Step 1 compiles the training graphs, the evaluation after step 3 its own; the
     # routing changes every step, and nothing recompiles for it.

@@ -14,7 +14,10 @@ Guards, so that nothing recompiles after the first step and the first evaluation
   batch (of 2 rows or more) runs the same code;
 - MoE layers (``lab.moe``) run eagerly inside the compiled step
   (``torch.compiler.disable`` for the length of the run): their dispatch's shapes
-  follow the routing, which changes every step. The dense parts around them compile.
+  follow the routing, which changes every step. The dense parts around them compile,
+  and on a CPU the experts take the fused path for the run (``lab.moe.fuse_experts``:
+  compiled SwiGLU kernels, dynamic in the rows, with a hand-written backward). On a
+  GPU they keep the default path, whose grouped matmul suits them better there.
 
 Where compiling is impossible (no C++ compiler for inductor's CPU kernels, no Triton
 for CUDA, or a component dynamo cannot trace without a graph break) the run falls
@@ -55,6 +58,7 @@ class MicroSteps:
         self.moe = _moe_layers(model) if compile else []
         self.compiled: dict[Any, Any] = {}
         problem = compile_problem(device) if compile else None
+        self.fuse_experts = compile and problem is None and device.type == "cpu"
         if problem is not None:
             self._fall_back(problem)
         elif compile:
@@ -76,15 +80,18 @@ class MicroSteps:
 
     @contextmanager
     def prepared(self) -> Iterator[None]:
-        """While the run lasts: MoE layers opt out of compilation (see the module
-        docstring); restored afterwards."""
+        """While the run lasts: MoE layers opt out of compilation and, on a CPU, fuse
+        their experts (see the module docstring); restored afterwards."""
+        was_fused = [layer.experts.fused for layer in self.moe]
         for layer in self.moe:
             layer.forward = torch.compiler.disable(layer.forward, recursive=True)
+            layer.experts.fused = layer.experts.fused or self.fuse_experts
         try:
             yield
         finally:
-            for layer in self.moe:
+            for layer, fused in zip(self.moe, was_fused, strict=True):
                 del layer.forward  # the instance attribute: the class's forward again
+                layer.experts.fused = fused
 
     def _call(self, fn: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         compiled = self.compiled.get(fn)
