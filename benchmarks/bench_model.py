@@ -31,6 +31,7 @@ from litgpt.model import GPT as LitGPT
 from benchmarks.common import litgpt_state, race, speedup
 from lab import GPT, Config
 from lab.flops import flops_per_token, measure_cpu_peak_flops
+from lab.train import adamw
 from lab.train.compiled import MicroSteps
 
 SHARED = dict(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096)
@@ -55,8 +56,13 @@ def train_step_fn(
 ) -> Callable[[], None]:
     """Forward, mean cross-entropy, backward, AdamW. ``compiled="lab"``: forward, loss
     and backward as ``fit(..., compile=True)`` runs them (``lab.train.compiled``);
-    ``"torch"``: the same function through a plain ``torch.compile`` (LitGPT's recipe)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ``"torch"``: the same function through a plain ``torch.compile`` (LitGPT's recipe).
+    Each library's own AdamW: lab's as ``fit`` builds it (``lab.train.adamw``: fused),
+    LitGPT's as its pretraining script does (fused only on CUDA)."""
+    if isinstance(model, GPT):
+        optimizer = adamw(model, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999))  # torch defaults
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch
 
     micro = MicroSteps(model, x.device, None, compile=True) if compiled == "lab" else None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from benchmarks.common import race
 from lab import GPT, Config
 from lab.flops import flops_per_token, measure_cpu_peak_flops, mfu
-from lab.train import fit, learning_rate, optimizer_groups
+from lab.train import adamw, fit, learning_rate
 
 # The lab halves of benchmarks/bench_model.py's configs: 4 layers, n_embd 256, vocab 4096.
 SHARED = dict(n_layer=4, n_embd=256, n_head=4, block_size=256, vocab_size=4096)
@@ -61,7 +61,7 @@ def random_tokens(vocab_size: int, seq_len: int) -> Callable:
 
 def bare_loop(model: GPT, data: Callable, steps: int, batch_size: int) -> None:
     """The loop fit wraps, written out: the same optimisation, no bookkeeping."""
-    optimizer = torch.optim.AdamW(optimizer_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
+    optimizer = adamw(model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
     generator = torch.Generator().manual_seed(0)
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:

@@ -19,6 +19,7 @@ from lab.errors import CheckpointError
 from lab.model import GPT
 from lab.train import (
     NonFiniteLossError,
+    adamw,
     fit,
     latest_checkpoint,
     learning_rate,
@@ -87,6 +88,20 @@ def test_weight_decay_only_on_trainable_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     n_trainable = sum(p.requires_grad for p in model.parameters())
     assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
+
+
+def test_adamw_is_fused_on_a_cpu_and_agrees_with_the_default():
+    model, reference = tiny_gpt(), tiny_gpt()
+    fused = adamw(model, lr=1e-2, weight_decay=0.1)
+    default = torch.optim.AdamW(optimizer_groups(reference, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    assert fused.defaults["fused"] and not default.defaults["fused"]
+    x = torch.randint(0, TASK.vocab_size, (2, 8))
+    for m, opt in ((model, fused), (reference, default)):
+        for _ in range(3):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(params(model), params(reference), rtol=1e-5, atol=1e-6)
 
 
 # --- the loop against an independent reference --------------------------------------------

@@ -49,7 +49,7 @@ from lab.errors import NonFiniteLossError
 from lab.train.checkpoints import CHECKPOINT_PREFIX, latest_checkpoint, load_weights
 from lab.train.engine import PRECISIONS, Engine, LocalEngine
 from lab.train.loop import Settings, train
-from lab.train.optim import SCHEDULES, learning_rate, optimizer_groups
+from lab.train.optim import SCHEDULES, adamw, learning_rate, optimizer_groups
 from lab.train.state import History, TrainState
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "LocalEngine",
     "NonFiniteLossError",
     "TrainState",
+    "adamw",
     "fit",
     "latest_checkpoint",
     "learning_rate",
@@ -111,7 +112,7 @@ def fit(
     step, split into ``grad_accum_steps`` micro-batches on each of the devices.
 
     Optimisation: AdamW (``betas``, decoupled ``weight_decay`` on tensors with >= 2 dims,
-    see ``optimizer_groups``) with ``lr`` warmed up linearly for ``warmup_steps``, then
+    see ``optimizer_groups``; torch's fused kernel on a CPU or GPU, see ``adamw``) with ``lr`` warmed up linearly for ``warmup_steps``, then
     ``schedule`` down to ``min_lr`` (see ``learning_rate``); gradients clipped to a global
     norm of ``grad_clip`` (None: no clipping). ``precision``: ``"32-true"``, ``"bf16-mixed"``
     (CPU or CUDA autocast) or ``"16-mixed"`` (fp16 autocast with a gradient scaler: for

@@ -40,7 +40,7 @@ from lab.train.batches import (
 from lab.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from lab.train.compiled import MicroSteps
 from lab.train.engine import Engine
-from lab.train.optim import SCHEDULES, learning_rate, optimizer_groups
+from lab.train.optim import SCHEDULES, adamw, learning_rate
 from lab.train.state import History, Hook, TrainState, split_callbacks
 
 
@@ -165,9 +165,10 @@ class Run:
         return self.state.history
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        fused = {"fused": True} if self.engine.device.type == "cuda" else {}
-        groups = optimizer_groups(model, self.s.weight_decay)
-        return torch.optim.AdamW(groups, lr=self.s.lr, betas=self.s.betas, **fused)
+        s = self.s
+        return adamw(
+            model, lr=s.lr, weight_decay=s.weight_decay, betas=s.betas, device=self.engine.device
+        )
 
     def resume(self) -> None:
         """Continue from a checkpoint in ``checkpoint_dir`` (``resume=True``: the newest;
