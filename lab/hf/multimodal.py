@@ -85,9 +85,9 @@ def text_model(
             )
         return config_json, tensors
     text = config_json.get("text_config") or {}
-    name = config_json.get("_name_or_path")
-    text = {**wrapper.text_defaults, **text, "model_type": wrapper.text_type, "_name_or_path": name}
-    out = {}
+    path = config_json.get("_name_or_path")
+    text = {**wrapper.text_defaults, **text, "model_type": wrapper.text_type, "_name_or_path": path}
+    out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name.startswith(wrapper.skip):
             continue
