@@ -10,7 +10,8 @@ A ``lab`` checkpoint is a directory::
 (``config.json`` with ``model_type`` + ``model.safetensors`` in the family's tensor
 names) that ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads, and
 ``load_pretrained(dir, GPT)`` reads either kind, telling them apart by ``model_type`` in
-``config.json``. The conversion itself is data in ``lab.hf`` (families: ``lab.hf.FAMILIES``).
+``config.json``. The conversion itself is data in ``lab.hf`` (families: ``lab.hf.FAMILIES``;
+the language model of a multimodal checkpoint such as Gemma 3's: ``lab.hf.MULTIMODAL``).
 
 Safety and atomicity: weights are read with ``safetensors`` (or, for ``.bin``/``.pt``
 files, ``torch.load(weights_only=True)``), never by unpickling arbitrary objects. A
@@ -147,6 +148,7 @@ def load_pretrained(
     try:
         if is_hf:
             values.setdefault("_name_or_path", directory.name)
+            values, tensors = hf.text_model(values, tensors)
             config = hf.config_from_hf(values, config_class or Config)
         else:
             config_class = config_class or _recorded_class(metadata.get("config_class"))

@@ -371,3 +371,79 @@ def test_2025_features_lab_lacks_are_refused(model_type, changes, key):
     config_json = transformers.AutoConfig.for_model(model_type, **FIRST_CASE[model_type]).to_dict()
     with pytest.raises(CheckpointError, match=key):
         config_from_hf({**config_json, **changes})
+
+
+# A Gemma 3 multimodal model with a tiny vision tower; the text model leaves heads, head_dim,
+# query_pre_attn_scalar, the RoPE bases and the layer pattern (5 local : 1 global) at
+# Gemma3TextConfig's defaults, so lab must fill them in as the hub's config.json requires.
+GEMMA3_TEXT = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=6, vocab_size=VOCAB,
+    max_position_embeddings=64, sliding_window=4,
+    rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0)},
+)  # fmt: skip
+TINY_SIGLIP = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    image_size=28, patch_size=14,
+)  # fmt: skip
+
+
+def sparse_text_config(directory: Path) -> dict:
+    """Rewrite ``text_config`` as the hub's files hold it (transformers 4.x): only the keys
+    that differ from Gemma3TextConfig's defaults, with RoPE as ``rope_scaling`` for the
+    global layers and no ``layer_types``. Returns the keys it kept."""
+    config = json.loads((directory / "config.json").read_text())
+    defaults = transformers.Gemma3TextConfig().to_dict()
+    text = {
+        k: v
+        for k, v in config["text_config"].items()
+        if v != defaults.get(k) and k not in ("layer_types", "rope_parameters")
+    }
+    text["rope_scaling"] = dict(rope_type="linear", factor=4.0)
+    config["text_config"] = text
+    (directory / "config.json").write_text(json.dumps(config))
+    return text
+
+
+@pytest.mark.parametrize("names", ["saved", "in-memory"])
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path, names):
+    """Gemma 3 4B/12B/27B are Gemma3ForConditionalGeneration: lab loads the language model,
+    with the logits transformers gives for text-only input, from a sparse text_config and
+    either tensor naming: the hub's (``language_model.model.*``, lm_head left out, as
+    save_pretrained writes) or transformers >= 4.52's (``model.language_model.*`` and
+    ``lm_head.weight``), skipping the vision tower and projector."""
+    config = transformers.Gemma3Config(
+        text_config=GEMMA3_TEXT, vision_config=TINY_SIGLIP, mm_tokens_per_image=4,
+        image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.normal_(1.0 if param.ndim == 1 else 0.0, 0.2 if param.ndim == 1 else 0.1)
+    reference.save_pretrained(tmp_path)
+    if names == "in-memory":
+        state = {k: v.clone().contiguous() for k, v in reference.state_dict().items()}
+        save_file(state, tmp_path / "model.safetensors")
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    prefix = {"saved": "language_model.model.", "in-memory": "model.language_model."}[names]
+    assert any(k.startswith(prefix) for k in stored)
+    assert any("vision_tower" in k for k in stored)
+    assert ("lm_head.weight" in stored) == (names == "in-memory")
+    text = sparse_text_config(tmp_path)
+    assert not {"num_attention_heads", "head_dim", "query_pre_attn_scalar"} & set(text)
+
+    model = GPT.from_pretrained(tmp_path).eval()
+    assert (model.config.n_head, model.config.n_query_groups, model.config.head_size) == (8, 4, 256)
+    assert [model.config.for_layer(i).rope_base for i in range(6)] == [1e4] * 5 + [1e6]
+    idx = torch.randint(0, VOCAB - 3, (2, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference(input_ids=idx).logits, atol=1e-4, rtol=0)
+
+
+def test_unsupported_multimodal_model_is_named(tmp_path):
+    write_hf_config(
+        tmp_path, model_type="llava", text_config=dict(model_type="llama"), vision_config={}
+    )
+    with pytest.raises(CheckpointError, match=r"'llava' is a multimodal model.*lab loads text"):
+        GPT.from_pretrained(tmp_path)
