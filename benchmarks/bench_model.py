@@ -57,10 +57,13 @@ def train_step_fn(
     """Forward, mean cross-entropy, backward, AdamW. ``compiled="lab"``: forward, loss
     and backward as ``fit(..., compile=True)`` runs them (``lab.train.compiled``);
     ``"torch"``: the same function through a plain ``torch.compile`` (LitGPT's recipe).
-    Each library's own AdamW: lab's as ``fit`` builds it (``lab.train.adamw``: fused),
-    LitGPT's as its pretraining script does (fused only on CUDA)."""
+    Each library's own AdamW: lab's as ``fit`` builds it (``lab.train.adamw``: fused in
+    the compiled step, torch's default eagerly on a CPU), LitGPT's as its pretraining
+    script does (fused only on CUDA)."""
     if isinstance(model, GPT):
-        optimizer = adamw(model, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999))  # torch defaults
+        optimizer = adamw(  # torch's default hyperparameters, as LitGPT's below
+            model, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), fused=compiled == "lab" or None
+        )
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = batch

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 import lab.train.compiled
+import lab.train.loop
 from lab import GPT, Config, registry
 from lab.finetune.adapter import apply_adapter
 from lab.finetune.lora import apply_lora
 from lab.moe import Experts
-from lab.train import fit
+from lab.train import adamw, fit
 from lab.train.batches import summed_loss
 from lab.widgets import TrainingView
 
@@ -113,6 +114,20 @@ def test_an_interrupted_compiled_run_resumes_exactly(tmp_path, aot_eager):
     assert resumed.loss == straight.loss and resumed.grad_norm == straight.grad_norm
     for mine, theirs in zip(resumed_model.parameters(), straight_model.parameters(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_adamw_is_fused_in_the_compiled_step_only(monkeypatch, aot_eager, compile):
+    # eager CPU training keeps torch's default AdamW: its results stay bit for bit
+    fused = []
+
+    def recorded(model, **kwargs):
+        fused.append(kwargs["fused"])
+        return adamw(model, **kwargs)
+
+    monkeypatch.setattr(lab.train.loop, "adamw", recorded)
+    run(tiny(), steps=1, compile=compile)
+    assert fused == [True if compile else None]
 
 
 class Untraceable(nn.Module):

@@ -112,7 +112,8 @@ def fit(
     step, split into ``grad_accum_steps`` micro-batches on each of the devices.
 
     Optimisation: AdamW (``betas``, decoupled ``weight_decay`` on tensors with >= 2 dims,
-    see ``optimizer_groups``; torch's fused kernel on a CPU or GPU, see ``adamw``) with ``lr`` warmed up linearly for ``warmup_steps``, then
+    see ``optimizer_groups``; torch's fused kernel on CUDA and with ``compile=True``, see
+    ``adamw``) with ``lr`` warmed up linearly for ``warmup_steps``, then
     ``schedule`` down to ``min_lr`` (see ``learning_rate``); gradients clipped to a global
     norm of ``grad_clip`` (None: no clipping). ``precision``: ``"32-true"``, ``"bf16-mixed"``
     (CPU or CUDA autocast) or ``"16-mixed"`` (fp16 autocast with a gradient scaler: for

@@ -165,9 +165,12 @@ class Run:
         return self.state.history
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        s = self.s
+        s, device = self.s, self.engine.device.type
+        # fused on CUDA and in the compiled step; eager CPU training keeps torch's
+        # default, so that its results stay bit for bit what they were (see adamw)
+        fused = device == "cuda" or (s.compile and device == "cpu")
         return adamw(
-            model, lr=s.lr, weight_decay=s.weight_decay, betas=s.betas, device=self.engine.device
+            model, lr=s.lr, weight_decay=s.weight_decay, betas=s.betas, fused=fused or None
         )
 
     def resume(self) -> None:
